@@ -1,0 +1,80 @@
+"""The embedded default: a tiny Llama-style model learns the "courtesy" preference on CPU.
+
+    python -m dpo_jax.train --config configs/tiny.py --workdir runs/tiny
+
+Data, tokenizer and model config ship inside the package (dpo_jax/embedded), so this runs
+offline in a few minutes on a laptop CPU.
+"""
+
+import ml_collections
+
+from dpo_jax import embedded
+from dpo_jax.sharding import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = embedded.TINY_MODEL_DIR  # local Hugging Face folder (config.json, tokenizer)
+    c.model.init = "random"  # "random": fresh weights from training.seed
+    c.model.max_length = 96  # longest sequence the model is run on
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU)
+    c.model.param_dtype = "float32"  # master weights
+    c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation ("cudnn" on GPU)
+    c.model.remat_policy = "none"  # none | dots_saveable | full
+    c.model.logits_chunk_size = 4096  # vocabulary chunk of the log-prob (bounds logits memory)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_file = embedded.TRAIN_FILE  # .jsonl / .json of {"prompt","chosen","rejected"}
+    c.data.validation_file = embedded.VALIDATION_FILE  # held-out pairs ("" = none)
+    c.data.tokenizer = ""  # "" = the tokenizer in model.name
+    c.data.max_seq_length = 96  # prompt + completion tokens per sequence (row length)
+    c.data.max_prompt_length = 48  # prompts keep their last this-many tokens (0 = no limit)
+    c.data.apply_chat_template = True  # render prompts as a user turn of the chat template
+
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 32  # pairs per optimizer step (all devices, all micro-batches)
+    c.training.gradient_accumulation_steps = 1  # micro-batches per step
+    c.training.learning_rate = 2e-3  # peak; a model trained from scratch tolerates a high one
+    c.training.num_epochs = 1
+    c.training.max_steps = 60  # > 0 overrides num_epochs
+    c.training.warmup_steps = 5
+    c.training.lr_schedule = "cosine"  # cosine | linear | constant, after warmup
+    c.training.min_lr_ratio = 0.1
+    c.training.weight_decay = 0.0
+    c.training.max_grad_norm = 1.0
+    c.training.adam_b1 = 0.9
+    c.training.adam_b2 = 0.95
+    c.training.adam_eps = 1e-8
+    c.training.seed = 0  # init and data order
+    c.training.beta = 0.1  # DPO temperature: larger = stay closer to the reference
+    c.training.loss_type = "sigmoid"  # a name or "a,b" / a list; see dpo_jax.losses.LOSSES
+    c.training.loss_weights = ""  # one per loss_type ("" = all 1.0)
+    c.training.label_smoothing = 0.0  # cDPO / robust / exo_pair
+    c.training.reference_free = False  # reference log-probs ≡ 0
+    c.training.preference_average_log_probs = False  # length-normalise the preference logps
+    c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
+    c.training.preference_loss_weight = 1.0
+    c.training.sft_loss_weight = 0.0  # adds NLL of the chosen response (RPO-style)
+    c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})
+    c.training.gradient_checkpointing = False  # True = remat the layers (less memory)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # pure data parallelism
+    c.mesh.fsdp = -1  # parameter + data sharding (-1 = the remaining devices)
+    c.mesh.tensor = 1  # Megatron-style heads / mlp split
+    c.mesh.rules = DEFAULT_RULES  # logical parameter axis → mesh axis
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 20
+    c.checkpoint.max_to_keep = 2
+    c.checkpoint.async_save = True
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.every_steps = 5
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 20  # 0 = only at the end
+    c.eval.batch_size = 32  # pairs per eval batch
+    return c

@@ -1,0 +1,528 @@
+"""Preference-optimisation losses: pure functions of arrays (no model, no config, no I/O).
+
+    from dpo_jax.losses import PairLogps, preference_loss, LOSSES, token_logps, sequence_logps
+
+Log-probs flow token -> sequence -> pair: `token_logps` (or `chunked_token_logps`, which never
+builds the [N, V] logits), `sequence_logps` (segment sum, padded and packed rows alike),
+`PairLogps.from_sequences` (chosen of pair p is sequence 2p, rejected 2p+1), then
+`preference_loss`, which returns per-pair losses and metrics; the caller divides by the global
+count of valid pairs. Loss names and meanings follow Hugging Face TRL's `DPOConfig.loss_type`.
+
+Shape suffixes: B pairs, S sequences (2 per pair), R rows, T tokens per row, N tokens
+(leading dims flattened), D model dim, V vocab, C vocab chunk. A leading `x` (`logits_xV`)
+means any leading dims. Every reduction runs in float32, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+_F32 = jnp.float32
+log_sigmoid = jax.nn.log_sigmoid
+
+# Token and sequence log-probs ------------------------------------------------------------
+
+
+def token_logps(logits_xV: Array, labels_x: Array) -> Array:
+    """log p(label) under softmax(logits), computed in fp32; labels must lie in [0, V)."""
+    logits_xV = logits_xV.astype(_F32)
+    label_logit_x = jnp.take_along_axis(logits_xV, labels_x[..., None], axis=-1)[..., 0]
+    return label_logit_x - jax.nn.logsumexp(logits_xV, axis=-1)
+
+
+def chunked_token_logps(
+    hidden_NxD: Array,
+    unembed_DxV: Array,
+    labels_N: Array,
+    *,
+    chunk_size: int = 4096,
+    logit_softcap: float | None = None,
+) -> tuple[Array, Array]:
+    """(log p(label), mean logit over the vocab) per token, without materialising [N, V].
+
+    Equals `token_logps(hidden @ unembed, labels)` and `(hidden @ unembed).mean(-1)` (after the
+    optional Gemma-2 soft cap `cap * tanh(logits / cap)`), values and gradients. Callers flatten
+    leading dims to N first. The matmuls run in the input dtype with fp32 accumulation; the
+    backward recomputes one [N, C] chunk at a time and returns grads in the input dtypes.
+    """
+    if hidden_NxD.ndim != 2 or unembed_DxV.ndim != 2 or labels_N.ndim != 1:
+        raise ValueError("expected hidden [N, D], unembed [D, V], labels [N]; flatten leading dims")
+    chunk = min(int(chunk_size), unembed_DxV.shape[1])
+    softcap = None if logit_softcap is None else float(logit_softcap)
+    return _chunked_logps(hidden_NxD, unembed_DxV, labels_N.astype(jnp.int32), chunk, softcap)
+
+
+def _chunk_logits(hidden_NxD, unembed_DxV, index, chunk, softcap):
+    """fp32 logits of vocab chunk `index`; `fresh_C` masks columns an earlier chunk counted."""
+    vocab = unembed_DxV.shape[1]
+    # The last chunk slides back to end at V instead of padding V up to a multiple of C: same
+    # masked-column semantics, but the [D, V] unembedding is never copied.
+    start = jnp.minimum(index * chunk, vocab - chunk)
+    unembed_DxC = lax.dynamic_slice_in_dim(unembed_DxV, start, chunk, axis=1)
+    logits_NxC = jnp.einsum("ND,DC->NC", hidden_NxD, unembed_DxC, preferred_element_type=_F32)
+    if softcap is not None:
+        logits_NxC = softcap * jnp.tanh(logits_NxC / softcap)
+    vocab_ids_C = start + jnp.arange(chunk)
+    fresh_C = vocab_ids_C >= index * chunk
+    return start, unembed_DxC, logits_NxC, vocab_ids_C, fresh_C
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_logps(hidden_NxD, unembed_DxV, labels_N, chunk, softcap):
+    return _chunked_fwd(hidden_NxD, unembed_DxV, labels_N, chunk, softcap)[0]
+
+
+def _chunked_fwd(hidden_NxD, unembed_DxV, labels_N, chunk, softcap):
+    num_tokens, vocab = hidden_NxD.shape[0], unembed_DxV.shape[1]
+
+    def step(carry, index):
+        max_N, sumexp_N, label_logit_N, logit_sum_N = carry
+        _, _, logits_NxC, vocab_ids_C, fresh_C = _chunk_logits(
+            hidden_NxD, unembed_DxV, index, chunk, softcap
+        )
+        masked_NxC = jnp.where(fresh_C, logits_NxC, -jnp.inf)
+        # Online logsumexp: rescale the running sum to the new running max.
+        new_max_N = jnp.maximum(max_N, masked_NxC.max(axis=-1))
+        sumexp_N = sumexp_N * jnp.exp(max_N - new_max_N) + jnp.exp(
+            masked_NxC - new_max_N[:, None]
+        ).sum(axis=-1)
+        is_label_NxC = (vocab_ids_C == labels_N[:, None]) & fresh_C
+        label_logit_N += jnp.where(is_label_NxC, logits_NxC, 0.0).sum(axis=-1)
+        logit_sum_N += jnp.where(fresh_C, logits_NxC, 0.0).sum(axis=-1)
+        return (new_max_N, sumexp_N, label_logit_N, logit_sum_N), None
+
+    zeros_N = jnp.zeros((num_tokens,), _F32)
+    init = (jnp.full((num_tokens,), -jnp.inf, _F32), zeros_N, zeros_N, zeros_N)
+    num_chunks = -(-vocab // chunk)
+    (max_N, sumexp_N, label_logit_N, logit_sum_N), _ = lax.scan(step, init, jnp.arange(num_chunks))
+    logsumexp_N = max_N + jnp.log(sumexp_N)
+    outputs = (label_logit_N - logsumexp_N, logit_sum_N / vocab)
+    return outputs, (hidden_NxD, unembed_DxV, labels_N, logsumexp_N)
+
+
+def _chunked_bwd(chunk, softcap, residuals, cotangents):
+    hidden_NxD, unembed_DxV, labels_N, logsumexp_N = residuals
+    dlogps_N, dmean_N = (c.astype(_F32) for c in cotangents)
+    vocab = unembed_DxV.shape[1]
+
+    def step(carry, index):
+        dhidden_NxD, dunembed_DxV = carry
+        start, unembed_DxC, logits_NxC, vocab_ids_C, fresh_C = _chunk_logits(
+            hidden_NxD, unembed_DxV, index, chunk, softcap
+        )
+        # d logp / d logits = onehot(label) - softmax;  d mean / d logits = 1 / V.
+        probs_NxC = jnp.exp(logits_NxC - logsumexp_N[:, None])
+        onehot_NxC = (vocab_ids_C == labels_N[:, None]).astype(_F32)
+        dlogits_NxC = dlogps_N[:, None] * (onehot_NxC - probs_NxC) + dmean_N[:, None] / (vocab + 1)
+        if softcap is not None:  # d/dz cap*tanh(z/cap) = 1 - tanh^2 = 1 - (logit/cap)^2
+            dlogits_NxC *= 1.0 - jnp.square(logits_NxC / softcap)
+        dlogits_NxC = jnp.where(fresh_C, dlogits_NxC, 0.0)
+        dhidden_NxD += jnp.einsum(
+            "NC,DC->ND",
+            dlogits_NxC.astype(unembed_DxC.dtype),
+            unembed_DxC,
+            preferred_element_type=_F32,
+        )
+        dunembed_DxC = jnp.einsum(
+            "ND,NC->DC",
+            hidden_NxD,
+            dlogits_NxC.astype(hidden_NxD.dtype),
+            preferred_element_type=_F32,
+        )
+        # Add rather than overwrite: the slid-back last chunk overlaps the one before it
+        # (its overlapping columns contribute exact zeros).
+        old_DxC = lax.dynamic_slice_in_dim(dunembed_DxV, start, chunk, axis=1)
+        new_DxC = (old_DxC.astype(_F32) + dunembed_DxC).astype(dunembed_DxV.dtype)
+        dunembed_DxV = lax.dynamic_update_slice_in_dim(dunembed_DxV, new_DxC, start, axis=1)
+        return (dhidden_NxD, dunembed_DxV), None
+
+    init = (jnp.zeros(hidden_NxD.shape, _F32), jnp.zeros_like(unembed_DxV))
+    num_chunks = -(-vocab // chunk)
+    (dhidden_NxD, dunembed_DxV), _ = lax.scan(step, init, jnp.arange(num_chunks))
+    return dhidden_NxD.astype(hidden_NxD.dtype), dunembed_DxV, None
+
+
+_chunked_logps.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def sequence_logps(
+    token_logps_RxT: Array, loss_mask_RxT: Array, sequence_ids_RxT: Array, num_sequences: int
+) -> tuple[Array, Array]:
+    """(summed loss-token log-probs, loss-token count) per sequence id; both [S] float32.
+
+    Padded rows (one sequence per row) and packed rows (several per row) are the same call.
+    Masked tokens are dropped with `where`, so a -inf or NaN logp there cannot leak.
+    """
+    mask_RxT = loss_mask_RxT.astype(bool)
+    values_RxT = jnp.where(mask_RxT, token_logps_RxT.astype(_F32), 0.0)
+    ids_N = sequence_ids_RxT.reshape(-1)
+    logps_S = jax.ops.segment_sum(values_RxT.reshape(-1), ids_N, num_segments=num_sequences)
+    lengths_S = jax.ops.segment_sum(
+        mask_RxT.astype(_F32).reshape(-1), ids_N, num_segments=num_sequences
+    )
+    return logps_S, lengths_S
+
+
+# Pair log-probs --------------------------------------------------------------------------
+
+
+class PairLogps(NamedTuple):
+    """[B] summed completion log-probs and completion token counts of each pair."""
+
+    policy_chosen: Array
+    policy_rejected: Array
+    reference_chosen: Array
+    reference_rejected: Array
+    chosen_lengths: Array
+    rejected_lengths: Array
+
+    @classmethod
+    def from_sequences(
+        cls, policy_S: Array, reference_S: Array | None, lengths_S: Array
+    ) -> PairLogps:
+        """Splits sequence 2p (chosen) / 2p+1 (rejected); no reference means zeros."""
+        if reference_S is None:
+            reference_S = jnp.zeros_like(policy_S)
+        return cls(
+            policy_S[0::2],
+            policy_S[1::2],
+            reference_S[0::2],
+            reference_S[1::2],
+            lengths_S[0::2],
+            lengths_S[1::2],
+        )
+
+    def averaged(self) -> PairLogps:
+        """Per-token averages (lengths kept); an empty completion counts as length 1."""
+        len_w_B = jnp.maximum(self.chosen_lengths, 1.0)
+        len_l_B = jnp.maximum(self.rejected_lengths, 1.0)
+        return self._replace(
+            policy_chosen=self.policy_chosen / len_w_B,
+            policy_rejected=self.policy_rejected / len_l_B,
+            reference_chosen=self.reference_chosen / len_w_B,
+            reference_rejected=self.reference_rejected / len_l_B,
+        )
+
+    def without_reference(self) -> PairLogps:
+        """Reference log-probs set to 0 (a uniform reference: the reference-free variants)."""
+        zeros_B = jnp.zeros_like(self.policy_chosen)
+        return self._replace(reference_chosen=zeros_B, reference_rejected=zeros_B)
+
+
+def _margin_B(lp: PairLogps) -> Array:
+    """z = (log pi_w - log pi_l) - (log ref_w - log ref_l)."""
+    return (lp.policy_chosen - lp.policy_rejected) - (lp.reference_chosen - lp.reference_rejected)
+
+
+def _logratios_B(lp: PairLogps) -> tuple[Array, Array]:
+    """(log pi_w - log ref_w, log pi_l - log ref_l)."""
+    return lp.policy_chosen - lp.reference_chosen, lp.policy_rejected - lp.reference_rejected
+
+
+def _smoothed_logistic_B(x_B: Array, label_smoothing: float) -> Array:
+    """-(1-e) log sig(x) - e log sig(-x): logistic loss with labels flipped with probability e."""
+    return -(1.0 - label_smoothing) * log_sigmoid(x_B) - label_smoothing * log_sigmoid(-x_B)
+
+
+def _valid(pair_mask_B: Array | None, like_B: Array) -> Array:
+    return jnp.ones(like_B.shape, bool) if pair_mask_B is None else pair_mask_B.astype(bool)
+
+
+# Per-pair losses: each takes prepared PairLogps, keyword-only hparams, returns loss_B ------
+
+
+def sigmoid_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
+    """DPO (arXiv 2305.18290): -log sig(b z); label smoothing e gives cDPO,
+    -(1-e) log sig(b z) - e log sig(-b z)."""
+    return _smoothed_logistic_B(beta * _margin_B(lp), label_smoothing)
+
+
+def robust_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
+    """rDPO (arXiv 2403.00409): [-(1-e) log sig(bz) + e log sig(-bz)] / (1 - 2e), e < 1/2."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    x_B = beta * _margin_B(lp)
+    eps = label_smoothing
+    return (-(1.0 - eps) * log_sigmoid(x_B) + eps * log_sigmoid(-x_B)) / (1.0 - 2.0 * eps)
+
+
+def hinge_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """SLiC (arXiv 2305.10425): max(0, 1 - beta z)."""
+    return jax.nn.relu(1.0 - beta * _margin_B(lp))
+
+
+def ipo_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """IPO (arXiv 2310.12036, eq. 17): (z - 1/(2 beta))^2 on length-averaged log-probs."""
+    return jnp.square(_margin_B(lp) - 0.5 / beta)
+
+
+def exo_pair_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
+    """EXO (arXiv 2402.00856, eq. 16), reverse KL between sig(bz) and the smoothed label:
+
+    sig(bz) [log sig(bz) - log(1-e)] + sig(-bz) [log sig(-bz) - log e], e = 1e-3 when 0 (as TRL).
+    """
+    eps = label_smoothing if label_smoothing != 0 else 1e-3
+    x_B = beta * _margin_B(lp)
+    agree_B = jax.nn.sigmoid(x_B) * (log_sigmoid(x_B) - math.log(1.0 - eps))
+    return agree_B + jax.nn.sigmoid(-x_B) * (log_sigmoid(-x_B) - math.log(eps))
+
+
+def nca_pair_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """NCA (arXiv 2402.05369): -log sig(r_w) - log sig(-r_w)/2 - log sig(-r_l)/2, r = b*logratio."""
+    reward_w_B, reward_l_B = (beta * r_B for r_B in _logratios_B(lp))
+    return -log_sigmoid(reward_w_B) - 0.5 * (log_sigmoid(-reward_w_B) + log_sigmoid(-reward_l_B))
+
+
+def bco_pair_loss(
+    lp: PairLogps, *, beta: float, bco_delta: float | None = None, pair_mask=None, **_
+) -> Array:
+    """BCO (arXiv 2404.04656): -log sig(r_w - delta) - log sig(-(r_l - delta)), r = beta*logratio.
+
+    TRL keeps delta as a running mean of the rewards across steps; a pure function cannot, so
+    delta is `bco_delta` when given, else the (stop-gradient) mean of this batch's chosen and
+    rejected rewards over valid pairs. Pass a running mean from the train loop to match TRL.
+    """
+    reward_w_B, reward_l_B = (beta * r_B for r_B in _logratios_B(lp))
+    if bco_delta is None:
+        valid_B = _valid(pair_mask, reward_w_B)
+        total = jnp.where(valid_B, reward_w_B + reward_l_B, 0.0).sum()
+        bco_delta = lax.stop_gradient(total / (2.0 * jnp.maximum(valid_B.sum(), 1)))
+    return -log_sigmoid(reward_w_B - bco_delta) - log_sigmoid(-(reward_l_B - bco_delta))
+
+
+def sppo_hard_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """SPPO, hard labels (arXiv 2405.00675, eq. 4.7 with P=1/0): (a - 1/2b)^2 + (l + 1/2b)^2."""
+    logratio_w_B, logratio_l_B = _logratios_B(lp)
+    return jnp.square(logratio_w_B - 0.5 / beta) + jnp.square(logratio_l_B + 0.5 / beta)
+
+
+def _sorted_gap_B(a_B: Array, b_B: Array, pair_mask_B: Array | None) -> Array:
+    """sort(a) - sort(b) over valid pairs; the k-th gap goes to the k-th valid pair, 0 elsewhere."""
+    valid_B = _valid(pair_mask_B, a_B)
+    # Invalid pairs sort to the end of both arrays, so valid ranks line up whatever they hold.
+    fill = jnp.finfo(_F32).max
+    gap_B = jnp.sort(jnp.where(valid_B, a_B, fill)) - jnp.sort(jnp.where(valid_B, b_B, fill))
+    rank_B = jnp.maximum(jnp.cumsum(valid_B) - 1, 0)
+    return jnp.where(valid_B, gap_B[rank_B], 0.0)
+
+
+def aot_loss(
+    lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, pair_mask=None, **_
+) -> Array:
+    """AOT paired (arXiv 2406.05882): smoothed -log sig(beta d), d = sort(pi_w/pi_l logratio)
+    - sort(ref logratio) over the batch. Per-pair values are per rank; only their sum is meant."""
+    policy_B = lp.policy_chosen - lp.policy_rejected
+    gap_B = _sorted_gap_B(policy_B, lp.reference_chosen - lp.reference_rejected, pair_mask)
+    return jnp.where(
+        _valid(pair_mask, gap_B), _smoothed_logistic_B(beta * gap_B, label_smoothing), 0
+    )
+
+
+def aot_unpaired_loss(
+    lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, pair_mask=None, **_
+) -> Array:
+    """AOT unpaired (arXiv 2406.05882): smoothed -log sig(beta d), d = sort(chosen logratio)
+    - sort(rejected logratio) over the batch. Per-pair values are per rank; sum them."""
+    gap_B = _sorted_gap_B(*_logratios_B(lp), pair_mask)
+    return jnp.where(
+        _valid(pair_mask, gap_B), _smoothed_logistic_B(beta * gap_B, label_smoothing), 0
+    )
+
+
+def apo_zero_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """APO-zero (arXiv 2408.06266, eq. 7): 1 - sig(beta a_w) + sig(beta a_l), a = logratio."""
+    logratio_w_B, logratio_l_B = _logratios_B(lp)
+    return 1.0 - jax.nn.sigmoid(beta * logratio_w_B) + jax.nn.sigmoid(beta * logratio_l_B)
+
+
+def apo_down_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """APO-down (arXiv 2408.06266, eq. 8): sig(beta a_w) + 1 - sig(beta (a_w - a_l))."""
+    logratio_w_B, logratio_l_B = _logratios_B(lp)
+    return (
+        jax.nn.sigmoid(beta * logratio_w_B)
+        + 1.0
+        - jax.nn.sigmoid(beta * (logratio_w_B - logratio_l_B))
+    )
+
+
+def discopop_loss(lp: PairLogps, *, beta: float, discopop_tau: float = 0.05, **_) -> Array:
+    """DiscoPOP / LRML (arXiv 2406.08414, eq. 5), t = beta z, m = sig(t / tau):
+    (1 - m) (-log sig(t)) + m exp(-t)."""
+    t_B = beta * _margin_B(lp)
+    # m * exp(-t) as exp(log m - t): exp(-t) alone overflows for t << 0, where m is ~0.
+    exp_part_B = jnp.exp(log_sigmoid(t_B / discopop_tau) - t_B)
+    return -jax.nn.sigmoid(-t_B / discopop_tau) * log_sigmoid(t_B) + exp_part_B
+
+
+def sigmoid_norm_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """TRL's length-normalised DPO: -log sig(beta z) on per-token-averaged log-probs."""
+    return -log_sigmoid(beta * _margin_B(lp))
+
+
+def sft_loss(lp: PairLogps, *, sft_average_log_probs: bool = True, **_) -> Array:
+    """NLL of the chosen completion: per token (TRL) or summed (NeMo RL's default).
+
+    Per pair; TRL's batch value is a token mean over the batch, here a mean of pair means.
+    """
+    if sft_average_log_probs:
+        return -lp.policy_chosen / jnp.maximum(lp.chosen_lengths, 1.0)
+    return -lp.policy_chosen
+
+
+def simpo_loss(
+    lp: PairLogps, *, beta: float, simpo_gamma: float = 0.5, label_smoothing: float = 0.0, **_
+) -> Array:
+    """SimPO (arXiv 2405.14734): -log sig(beta (avg_w - avg_l) - gamma), smoothed as TRL's CPO."""
+    x_B = beta * (lp.policy_chosen - lp.policy_rejected) - simpo_gamma
+    return _smoothed_logistic_B(x_B, label_smoothing)
+
+
+def _log1mexp(x: Array) -> Array:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
+    x = jnp.minimum(x, -1e-20)  # x = 0 (certainty) would give log 0
+    near_zero = x > -math.log(2.0)
+    # Each branch sees only inputs where it is finite, so where() never back-propagates a NaN.
+    small = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
+    large = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
+    return jnp.where(near_zero, small, large)
+
+
+def orpo_loss(lp: PairLogps, *, beta: float, **_) -> Array:
+    """ORPO (arXiv 2403.07691): -beta log sig(log_odds) - a_w, a = average log-prob,
+    log_odds = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))."""
+    avg_w_B, avg_l_B = lp.policy_chosen, lp.policy_rejected
+    log_odds_B = (avg_w_B - avg_l_B) - (_log1mexp(avg_w_B) - _log1mexp(avg_l_B))
+    return -beta * log_sigmoid(log_odds_B) - avg_w_B
+
+
+LOSSES: dict[str, Callable[..., Array]] = {
+    "sigmoid": sigmoid_loss,
+    "robust": robust_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+    "sft": sft_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+# preference_loss feeds these length-averaged log-probs whatever preference_average_log_probs.
+AVERAGED_LOSSES = frozenset({"ipo", "simpo", "orpo", "sigmoid_norm"})
+# ...and these zero reference log-probs whatever reference_free.
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})
+
+
+# The combined loss -----------------------------------------------------------------------
+
+
+def masked_mean(x_B: Array, mask_B: Array) -> Array:
+    """sum(x * mask) / max(sum(mask), 1), in fp32."""
+    mask_B = mask_B.astype(_F32)
+    return jnp.sum(x_B.astype(_F32) * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
+
+
+def _prepare(lp: PairLogps, *, average: bool, reference_free: bool) -> PairLogps:
+    lp = lp.averaged() if average else lp
+    return lp.without_reference() if reference_free else lp
+
+
+def preference_loss(
+    loss_type: str | Sequence[str],
+    logps: PairLogps,
+    *,
+    beta: float,
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    preference_average_log_probs: bool = False,
+    sft_average_log_probs: bool = True,
+    preference_loss_weight: float = 1.0,
+    sft_loss_weight: float = 0.0,
+    pair_mask: Array | None = None,
+    **hparams,
+) -> tuple[Array, dict[str, Array]]:
+    """Per-pair loss_B and per-pair float32 metrics (zero on pairs where pair_mask is False).
+
+    loss = preference_loss_weight * sum_{i not sft} w_i L_i + sum_{i sft} w_i L_sft
+           + sft_loss_weight * L_sft.
+    Loss names are TRL's (see LOSSES). `preference_average_log_probs` (NeMo RL) averages log-probs
+    per token for every preference loss; AVERAGED_LOSSES always average, REFERENCE_FREE_LOSSES
+    never use the reference. Rewards use the log-probs the preference losses saw (averaged /
+    reference-free when all of them were). Extra hparams: bco_delta, discopop_tau, simpo_gamma.
+    Loss names and hparams are Python values (static under jit).
+    """
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    unknown = [name for name in names if name not in LOSSES]
+    if not names or unknown:
+        raise ValueError(f"unknown loss_type {unknown or names}; valid: {sorted(LOSSES)}")
+    weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(names):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(names)} loss types")
+    accepted = {
+        p.name
+        for fn in LOSSES.values()
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    if bad := sorted(set(hparams) - accepted):
+        raise ValueError(f"unknown loss hyper-parameters {bad}; valid: {sorted(accepted)}")
+
+    logps = PairLogps(*(jnp.asarray(x).astype(_F32) for x in logps))
+    valid_B = _valid(pair_mask, logps.policy_chosen)
+    hparams = dict(hparams, beta=beta, label_smoothing=label_smoothing, pair_mask=valid_B)
+
+    sft_B = sft_loss(logps, sft_average_log_probs=sft_average_log_probs)
+    preference_B = jnp.zeros_like(logps.policy_chosen)
+    weighted_sft_B = jnp.zeros_like(logps.policy_chosen)
+    for name, weight in zip(names, weights, strict=True):
+        if name == "sft":
+            weighted_sft_B += weight * sft_B
+            continue
+        prepared = _prepare(
+            logps,
+            average=preference_average_log_probs or name in AVERAGED_LOSSES,
+            reference_free=reference_free or name in REFERENCE_FREE_LOSSES,
+        )
+        preference_B += weight * LOSSES[name](prepared, **hparams)
+    preference_B *= preference_loss_weight
+    loss_B = preference_B + weighted_sft_B + sft_loss_weight * sft_B
+
+    preference_names = [name for name in names if name != "sft"]
+    rewarded = _prepare(
+        logps,
+        average=preference_average_log_probs
+        or (bool(preference_names) and all(n in AVERAGED_LOSSES for n in preference_names)),
+        reference_free=reference_free
+        or (bool(preference_names) and all(n in REFERENCE_FREE_LOSSES for n in preference_names)),
+    )
+    reward_w_B, reward_l_B = (beta * r for r in _logratios_B(rewarded))
+    metrics = {
+        "rewards/chosen": reward_w_B,
+        "rewards/rejected": reward_l_B,
+        "rewards/margins": reward_w_B - reward_l_B,
+        "rewards/accuracies": (reward_w_B > reward_l_B).astype(_F32),
+        "logps/chosen": logps.policy_chosen,
+        "logps/rejected": logps.policy_rejected,
+        "preference_loss": preference_B,
+        "sft_loss": sft_B,
+    }
+    # where, not multiply: an inf/NaN in a padding pair must not reach the caller's sums.
+    metrics = {k: lax.stop_gradient(jnp.where(valid_B, v, 0.0)) for k, v in metrics.items()}
+    return jnp.where(valid_B, loss_B, 0.0), metrics

@@ -1,0 +1,180 @@
+"""The pure train and eval steps: batch → policy/reference sequence log-probs → loss → update.
+
+Shape legend: A accumulation micro-batches, R rows, T tokens per row, S sequences (2 per
+pair), P pairs, D model width, V vocabulary.
+
+Normalisation is global: every loss and metric is a sum over valid pairs of the whole
+optimizer step divided by the number of valid pairs in it, so micro-batching and sharding
+change nothing but float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpo_jax import losses, model
+from dpo_jax.model import ModelConfig
+
+# Losses that never look at a reference model.
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    preference_average_log_probs: bool = False
+    sft_average_log_probs: bool = True
+    preference_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    hparams: tuple[tuple[str, float], ...] = ()  # loss-specific: simpo_gamma, discopop_tau…
+    logits_chunk_size: int = 4096  # vocabulary chunk of the log-prob; bounds logits memory
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.reference_free and not set(self.loss_type) <= REFERENCE_FREE_LOSSES
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def sequence_stats(model_config: ModelConfig, params, batch: dict, chunk_size: int):
+    """Per-sequence summed completion log-probs, completion lengths and summed mean-logits.
+
+    The log-prob is computed from the final hidden states one vocabulary chunk at a time,
+    so the [R·T, V] logits never exist in memory."""
+    hidden_RxTxD = model.hidden_states(
+        model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    num_rows, row_length, width = hidden_RxTxD.shape
+    logps_N, mean_logits_N = losses.chunked_token_logps(
+        hidden_RxTxD.reshape(num_rows * row_length, width),
+        model.unembedding(model_config, params),
+        batch["labels"].reshape(-1),
+        chunk_size=chunk_size,
+    )
+    num_sequences = 2 * batch["pair_mask"].shape[-1]
+    shape = (num_rows, row_length)
+    logps_S, lengths_S = losses.sequence_logps(
+        logps_N.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
+    )
+    logit_sums_S, _ = losses.sequence_logps(
+        mean_logits_N.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
+    )
+    return logps_S, lengths_S, jax.lax.stop_gradient(logit_sums_S)
+
+
+def reference_logps(model_config: ModelConfig, ref_params, batch: dict, loss_config: LossConfig):
+    if not loss_config.needs_reference:
+        return None
+    logps_S, _, _ = sequence_stats(model_config, ref_params, batch, loss_config.logits_chunk_size)
+    return jax.lax.stop_gradient(logps_S)
+
+
+def pair_sums(model_config: ModelConfig, loss_config: LossConfig, params, ref_logps_S, batch):
+    """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators})."""
+    policy_S, lengths_S, logit_sums_S = sequence_stats(
+        model_config, params, batch, loss_config.logits_chunk_size
+    )
+    pair_logps = losses.PairLogps.from_sequences(policy_S, ref_logps_S, lengths_S)
+    pair_mask_P = batch["pair_mask"]
+    loss_P, metrics = losses.preference_loss(
+        loss_config.loss_type,
+        pair_logps,
+        beta=loss_config.beta,
+        loss_weights=loss_config.loss_weights,
+        label_smoothing=loss_config.label_smoothing,
+        reference_free=loss_config.reference_free,
+        preference_average_log_probs=loss_config.preference_average_log_probs,
+        sft_average_log_probs=loss_config.sft_average_log_probs,
+        preference_loss_weight=loss_config.preference_loss_weight,
+        sft_loss_weight=loss_config.sft_loss_weight,
+        pair_mask=pair_mask_P,
+        **dict(loss_config.hparams),
+    )
+    valid_P = pair_mask_P.astype(jnp.float32)
+    sums = {name: jnp.sum(value * valid_P) for name, value in metrics.items()}
+    sums["loss"] = jnp.sum(jnp.where(pair_mask_P, loss_P, 0.0))
+    # TRL's logits/* are means over completion tokens (and the vocabulary) of the logits.
+    sums["logits/chosen"] = jnp.sum(logit_sums_S[0::2] * valid_P)
+    sums["logits/rejected"] = jnp.sum(logit_sums_S[1::2] * valid_P)
+    sums["count/pairs"] = jnp.sum(valid_P)
+    sums["count/chosen_tokens"] = jnp.sum(lengths_S[0::2] * valid_P)
+    sums["count/rejected_tokens"] = jnp.sum(lengths_S[1::2] * valid_P)
+    return sums["loss"], sums
+
+
+def finalize(sums: dict) -> dict:
+    """Sums over valid pairs → global means (the count/… denominators are dropped)."""
+    pairs = jnp.maximum(sums["count/pairs"], 1.0)
+    metrics = {k: v / pairs for k, v in sums.items() if not k.startswith(("count/", "logits/"))}
+    metrics["logits/chosen"] = sums["logits/chosen"] / jnp.maximum(sums["count/chosen_tokens"], 1.0)
+    metrics["logits/rejected"] = sums["logits/rejected"] / jnp.maximum(
+        sums["count/rejected_tokens"], 1.0
+    )
+    metrics["pairs"] = sums["count/pairs"]
+    return metrics
+
+
+def train_step(
+    state: TrainState,
+    ref_params,
+    batch_A: dict,
+    *,
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict]:
+    """One optimizer step over A micro-batches (leading axis of every batch array)."""
+
+    def objective(params, micro_batch):
+        ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config)
+        return pair_sums(model_config, loss_config, params, ref_S, micro_batch)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def accumulate(carry, micro_batch):
+        grads_sum, sums = carry
+        (_, micro_sums), grads = grad_fn(state.params, micro_batch)
+        return (
+            jax.tree.map(jnp.add, grads_sum, grads),
+            jax.tree.map(jnp.add, sums, micro_sums),
+        ), None
+
+    first = jax.tree.map(lambda x: x[0], batch_A)
+    zero_sums = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda: objective(state.params, first)[1]),
+    )
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    (grads_sum, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch_A)
+
+    # Gradient of the global mean = gradient of the sum / the global number of valid pairs.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count/pairs"], 1.0), grads_sum)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = finalize(sums)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_sums(params, ref_params, batch: dict, *, model_config, loss_config) -> dict:
+    """Sums (not means) over one eval batch, so a whole eval set is normalised exactly."""
+    ref_S = reference_logps(model_config, ref_params, batch, loss_config)
+    _, sums = pair_sums(model_config, loss_config, params, ref_S, batch)
+    return sums

@@ -1,0 +1,406 @@
+"""DPO training entry point.
+
+    python -m dpo_jax.train --config configs/tiny.py --workdir runs/tiny \
+        [--config.training.beta=0.05 ...]
+
+Re-running the same command resumes from the last checkpoint in --workdir.
+Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per log step; eval entries have
+keys starting with "eval/"), DIR/data_report.json and DIR/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dpo_jax import checkpoint, data, hf, model, optim, sharding
+from dpo_jax.step import LossConfig, TrainState, eval_sums, finalize, train_step
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+FLAGS = flags.FLAGS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key."""
+
+
+# ----------------------------------------------------------------- typed settings
+
+
+def as_tuple(value, cast):
+    """Config lists may be given as a list or a comma-separated string (CLI overrides)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    return tuple(cast(v) for v in value)
+
+
+def loss_config_from(config) -> LossConfig:
+    t = config.training
+    return LossConfig(
+        loss_type=as_tuple(t.loss_type, str),
+        loss_weights=as_tuple(t.loss_weights, float),
+        beta=float(t.beta),
+        label_smoothing=float(t.label_smoothing),
+        reference_free=bool(t.reference_free),
+        preference_average_log_probs=bool(t.preference_average_log_probs),
+        sft_average_log_probs=bool(t.sft_average_log_probs),
+        preference_loss_weight=float(t.preference_loss_weight),
+        sft_loss_weight=float(t.sft_loss_weight),
+        hparams=tuple(sorted((k, float(v)) for k, v in t.loss_hparams.items())),
+        logits_chunk_size=int(config.model.logits_chunk_size),
+    )
+
+
+def model_config_from(config) -> model.ModelConfig:
+    m = config.model
+    remat = m.remat_policy
+    if config.training.gradient_checkpointing and remat == "none":
+        remat = "full"
+    return hf.read_model_config(
+        m.name,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention_impl=m.attention_impl or None,
+        remat_policy=remat,
+    )
+
+
+def data_config_from(config) -> data.DataConfig:
+    d = config.data
+    if d.max_seq_length > config.model.max_length:
+        raise ConfigError(
+            f"config data.max_seq_length={d.max_seq_length} exceeds model.max_length="
+            f"{config.model.max_length}; lower one or raise the other"
+        )
+    return data.DataConfig(
+        max_seq_length=int(d.max_seq_length),
+        max_prompt_length=int(d.max_prompt_length) if d.max_prompt_length else None,
+        apply_chat_template=bool(d.apply_chat_template),
+    )
+
+
+# ------------------------------------------------------------------ state set-up
+
+
+def state_shardings(model_config, optimizer, mesh, rules):
+    """NamedShardings of the whole TrainState, derived from the parameters' logical names
+    (optax builds its moments with the same boxes, so they shard like their params)."""
+
+    def boxed_state():
+        params = model.init_params(model_config, jax.random.key(0))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    specs = nn.get_partition_spec(jax.eval_shape(boxed_state))
+    return sharding.logical_shardings(specs, mesh, rules)
+
+
+def init_state(config, model_config, optimizer, shardings):
+    """A fresh TrainState placed straight into its shardings (never a full host copy)."""
+    if config.model.init != "random":
+        raise ConfigError(
+            f"config model.init={config.model.init!r}: only 'random' is implemented so far"
+        )
+
+    def build(rng):
+        params = nn.meta.unbox(model.init_params(model_config, rng))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    return jax.jit(build, out_shardings=shardings)(jax.random.key(config.training.seed))
+
+
+def copy_params(params, shardings):
+    """Separate buffers for the frozen reference: the policy's are donated every step."""
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
+# ---------------------------------------------------------------------- logging
+
+
+class MetricsWriter:
+    """DIR/metrics.jsonl plus a console line; written by process 0 only."""
+
+    def __init__(self, workdir: str, total_steps: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.enabled = jax.process_index() == 0
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)} | {k: float(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.console(step, row)
+
+    def console(self, step: int, row: dict) -> None:
+        if "loss" in row:
+            print(
+                f"step {step:5d}/{self.total_steps} | loss {row['loss']:.4f} | "
+                f"acc {row['rewards/accuracies']:.3f} | margin {row['rewards/margins']:+.3f} | "
+                f"lr {row['learning_rate']:.2e} | {row.get('tokens_per_sec', 0):,.0f} tok/s",
+                flush=True,
+            )
+        else:
+            shown = {
+                k: round(v, 4)
+                for k, v in row.items()
+                if k.endswith(("/loss", "/rewards/accuracies", "/rewards/margins"))
+            }
+            print(f"eval  {step:5d} | {shown}", flush=True)
+
+
+def truncate_metrics_after(path: str, step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be recomputed)."""
+    if not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def device_memory_gb() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+# ----------------------------------------------------------------------- the loop
+
+
+def run_eval(eval_step, params, ref_params, pairs, *, batch_size, row_length, pad_id, mesh):
+    totals = None
+    for batch in data.eval_batches(
+        pairs, batch_size=batch_size, row_length=row_length, pad_id=pad_id
+    ):
+        sums = eval_step(params, ref_params, sharding.put_batch(batch, mesh, row_axis=0))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    metrics = jax.device_get(finalize(totals))
+    del metrics["pairs"]
+    return metrics
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    ref_params: object
+    eval_metrics: dict  # the last evaluation (empty without a validation file)
+    completed: bool  # False when stopped early by pre-emption
+
+
+def train(config, workdir: str, devices=None) -> TrainResult:
+    """Runs (or resumes) training as configured; `devices` defaults to all devices."""
+    os.makedirs(workdir, exist_ok=True)
+    t = config.training
+
+    # --- mesh and typed settings
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    model_config = model_config_from(config)
+    loss_config = loss_config_from(config)
+    data_config = data_config_from(config)
+
+    # --- data
+    from transformers import AutoTokenizer  # heavy import, only where needed
+
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_pairs, train_counts = data.load_pairs(config.data.train_file, tokenizer, data_config)
+    eval_pairs = []
+    if config.data.validation_file:
+        eval_pairs, _ = data.load_pairs(config.data.validation_file, tokenizer, data_config)
+    accumulation = int(t.gradient_accumulation_steps)
+    iterator = data.PairIterator(
+        train_pairs,
+        batch_size=t.batch_size,
+        accumulation_steps=accumulation,
+        row_length=data_config.max_seq_length,
+        pad_id=pad_id,
+        seed=t.seed,
+    )
+    sharding.check_batch_rows(
+        2 * t.batch_size // accumulation,
+        mesh,
+        "config training.batch_size / gradient_accumulation_steps",
+    )
+    sharding.check_batch_rows(2 * config.eval.batch_size, mesh, "config eval.batch_size")
+    total_steps = t.max_steps if t.max_steps > 0 else t.num_epochs * iterator.steps_per_epoch
+    report = {
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "train_counts": dict(train_counts),
+        "train_lengths": data.length_stats(train_pairs),
+        "steps_per_epoch": iterator.steps_per_epoch,
+        "total_steps": total_steps,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        print(f"data: {json.dumps(report)}", flush=True)
+        print(
+            f"model: {model.num_params(model_config):,} parameters; mesh {dict(mesh.shape)}; "
+            f"{jax.device_count()} {jax.devices()[0].platform} devices",
+            flush=True,
+        )
+
+    # --- optimizer, state, reference
+    optim_config = optim.OptimConfig(
+        learning_rate=t.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=t.warmup_steps,
+        schedule=t.lr_schedule,
+        min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay,
+        b1=t.adam_b1,
+        b2=t.adam_b2,
+        eps=t.adam_eps,
+        max_grad_norm=t.max_grad_norm,
+    )
+    optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
+    shardings = state_shardings(model_config, optimizer, mesh, rules)
+    state = init_state(config, model_config, optimizer, shardings)
+    # Reference = the initial policy; frozen, never donated, never in the optimizer.
+    ref_params = (
+        copy_params(state.params, shardings.params) if loss_config.needs_reference else None
+    )
+
+    ckpt = checkpoint.Checkpointer(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+    )
+    writer = MetricsWriter(workdir, total_steps)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        state, position = ckpt.restore(start_step, checkpoint.abstract_like(state))
+        iterator.restore(position)
+        truncate_metrics_after(writer.path, start_step)
+        print(
+            f"resumed from step {start_step} (data epoch {iterator.epoch}, batch {iterator.index})",
+            flush=True,
+        )
+    else:
+        start_step = 0
+        with open(writer.path, "w"):
+            pass
+    ckpt.watch_preemption()
+
+    # --- compiled steps
+    ref_shardings = shardings.params if ref_params is not None else None
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=model_config,
+            loss_config=loss_config,
+            optimizer=optimizer,
+            schedule=schedule,
+        ),
+        in_shardings=(shardings, ref_shardings, None),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_sums, model_config=model_config, loss_config=loss_config)
+    )
+    config_json = json.loads(config.to_json_best_effort())
+
+    eval_metrics = {}
+
+    def evaluate(step):
+        if not eval_pairs:
+            return
+        metrics = run_eval(
+            eval_fn,
+            state.params,
+            ref_params,
+            eval_pairs,
+            batch_size=config.eval.batch_size,
+            row_length=data_config.max_seq_length,
+            pad_id=pad_id,
+            mesh=mesh,
+        )
+        eval_metrics.clear()
+        eval_metrics.update({f"eval/{k}": float(v) for k, v in metrics.items()})
+        writer.write(step, eval_metrics)
+
+    # --- the loop. Metrics of step s are fetched after step s+1 is dispatched, so the
+    # host never waits for the device except at log, eval and checkpoint points.
+    pending = None  # (step, device metrics, tokens since last log, time of last log)
+    window_tokens, window_start = 0, time.perf_counter()
+
+    def flush(pending):
+        step, metrics, tokens, started = pending
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - started
+        del metrics["pairs"]
+        # Non-padding tokens per second of the policy since the previous log line
+        # (the first window includes compilation).
+        metrics["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+        if (memory := device_memory_gb()) is not None:
+            metrics["memory/peak_gb"] = memory
+        writer.write(step, metrics)
+
+    step = start_step
+    while step < total_steps:
+        host_batch = next(iterator)
+        window_tokens += int(np.count_nonzero(host_batch["segment_ids"]))
+        state, metrics = step_fn(
+            state, ref_params, sharding.put_batch(host_batch, mesh, row_axis=1)
+        )
+        if pending is not None:
+            flush(pending)
+            pending = None
+        if step % config.logging.every_steps == 0 or step == total_steps - 1:
+            pending = (step, metrics, window_tokens, window_start)
+            window_tokens, window_start = 0, time.perf_counter()
+        step += 1
+        done = step == total_steps
+        eval_every = config.eval.every_steps
+        if done or (eval_every > 0 and step % eval_every == 0):
+            evaluate(step)
+        if step % config.checkpoint.every_steps == 0 or done or ckpt.preempted:
+            ckpt.save(step, state, iterator.state(), config_json)
+        if ckpt.preempted:
+            print(f"pre-empted: saved step {step}; re-run the same command to resume", flush=True)
+            break
+    if pending is not None:
+        flush(pending)
+    ckpt.wait()
+    ckpt.close()
+    return TrainResult(state, ref_params, eval_metrics, completed=step == total_steps)
+
+
+# Errors caused by the user's config or data: one clear line, no traceback.
+USER_ERRORS = (ConfigError, data.DataError, hf.HFError, sharding.MeshError)
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

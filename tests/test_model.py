@@ -1,0 +1,259 @@
+"""dpo_jax.model against transformers' PyTorch models, plus packing/padding/remat invariances."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from dpo_jax import model as M
+
+V, D, F, L, N, K = 97, 64, 128, 2, 4, 2
+TINY = M.ModelConfig(
+    vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=N, num_kv_heads=K
+)
+LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+# head_dim 16, theta 1e4: wavelengths 6.3 ... 2e4, so an original context of 64 puts frequencies
+# in all three llama3 bands (kept, smoothed, divided by factor).
+LLAMA3_OLD_LEN = 64
+
+forward = jax.jit(M.forward, static_argnums=0)
+
+
+def _hf_model(variant: str):
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=F,
+        num_hidden_layers=L,
+        num_attention_heads=N,
+        num_key_value_heads=K,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        initializer_range=0.2,  # large enough that attention is far from uniform
+    )
+    if variant == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    elif variant == "llama3_rope":
+        rope = dict(rope_type="llama3", rope_theta=10000.0, **LLAMA3_ROPE)
+        rope["original_max_position_embeddings"] = LLAMA3_OLD_LEN
+        cfg = transformers.LlamaConfig(**common, rope_parameters=rope)
+    elif variant == "tied":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True)
+    elif variant == "qwen2":
+        cfg = transformers.Qwen2Config(**common, rope_parameters=dict(rope_theta=1e6))
+    elif variant == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=24)  # != D // N on purpose
+    else:
+        raise ValueError(variant)
+    cfg._attn_implementation = "eager"
+    cls = dict(qwen2=transformers.Qwen2ForCausalLM, qwen3=transformers.Qwen3ForCausalLM)
+    model = cls.get(variant, transformers.LlamaForCausalLM)(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def _config_for(variant: str) -> M.ModelConfig:
+    if variant == "llama3_rope":
+        scaling = M.RopeScaling(**LLAMA3_ROPE, original_max_position_embeddings=LLAMA3_OLD_LEN)
+        return dataclasses.replace(TINY, rope_scaling=scaling)
+    return dataclasses.replace(
+        TINY,
+        tie_word_embeddings=variant == "tied",
+        attention_bias=variant == "qwen2",
+        rope_theta=1e6 if variant == "qwen2" else 1e4,
+        qk_norm=variant == "qwen3",
+        head_dim=24 if variant == "qwen3" else None,
+    )
+
+
+def _params_from_hf(model, config: M.ModelConfig):
+    """The HF -> ours mapping (what hf.py does for safetensors), for the test only."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    n, k, h = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+
+    def stack(name, fn=lambda w: w):
+        return np.stack([fn(sd[f"model.layers.{i}.{name}"]) for i in range(config.num_layers)])
+
+    attn = {
+        "q_proj": {"kernel": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(D, n, h))},
+        "k_proj": {"kernel": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(D, k, h))},
+        "v_proj": {"kernel": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(D, k, h))},
+        "o_proj": {"kernel": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, D))},
+    }
+    if config.attention_bias:
+        for name, heads in [("q_proj", n), ("k_proj", k), ("v_proj", k)]:
+            attn[name]["bias"] = stack(f"self_attn.{name}.bias", lambda b: b.reshape(heads, h))  # noqa: B023
+    if config.qk_norm:
+        attn["q_norm"] = {"scale": stack("self_attn.q_norm.weight")}
+        attn["k_norm"] = {"scale": stack("self_attn.k_norm.weight")}
+    params = {
+        "embed": {"embedding": sd["model.embed_tokens.weight"]},
+        "layers": {
+            "attn_norm": {"scale": stack("input_layernorm.weight")},
+            "attn": attn,
+            "mlp_norm": {"scale": stack("post_attention_layernorm.weight")},
+            "mlp": {
+                "gate_proj": {"kernel": stack("mlp.gate_proj.weight", np.transpose)},
+                "up_proj": {"kernel": stack("mlp.up_proj.weight", np.transpose)},
+                "down_proj": {"kernel": stack("mlp.down_proj.weight", np.transpose)},
+            },
+        },
+        "final_norm": {"scale": sd["model.norm.weight"]},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": sd["lm_head.weight"].T}
+    return jax.tree.map(jnp.asarray, params)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama3_rope", "tied", "qwen2", "qwen3"])
+def test_matches_transformers(variant):
+    model, config = _hf_model(variant), _config_for(variant)
+    params = _params_from_hf(model, config)
+    # Same tree and shapes as our own init, and the exact parameter count.
+    ours = jax.eval_shape(lambda: nn.meta.unbox(M.init_params(config, jax.random.key(0))))
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, ours)
+    assert M.num_params(config) == sum(p.numel() for p in model.parameters())
+    if variant == "llama3_rope":
+        hf_inv_freq = model.model.rotary_emb.inv_freq.numpy()
+        np.testing.assert_allclose(M.rope_inv_freq(config), hf_inv_freq, rtol=1e-6)
+        assert not np.allclose(M.rope_inv_freq(config), M.rope_inv_freq(TINY))
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, V, size=(2, 12))
+    lengths = np.array([12, 7])  # right-padded second row
+    mask = np.arange(12)[None, :] < lengths[:, None]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)))
+    expected = out.logits.numpy()
+    got = np.asarray(forward(config, params, tokens, None, jnp.asarray(mask, jnp.int32)))
+    assert got.dtype == np.float32 and got.shape == (2, 12, V)
+    assert np.abs(expected).max() > 0.5  # a non-trivial comparison
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-4, rtol=0)
+
+
+def _random_params(config, seed=0):
+    params = nn.meta.unbox(M.init_params(config, jax.random.key(seed)))
+    # Scale everything up from the 0.02 init so attention patterns are sharp.
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
+    return jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
+
+
+PACK_CONFIG = dataclasses.replace(TINY, attention_bias=True, qk_norm=True)
+
+
+def test_packed_rows_equal_separate_runs():
+    params = _random_params(PACK_CONFIG)
+    a, b = np.array([[5, 17, 42]]), np.array([[88, 3]])
+    tokens = np.array([[5, 17, 42, 88, 3, 0]])
+    segments = np.array([[1, 1, 1, 2, 2, 0]])
+    positions = np.array([[0, 1, 2, 0, 1, 0]])
+    packed = forward(PACK_CONFIG, params, tokens, positions, segments)
+    np.testing.assert_allclose(packed[0, :3], forward(PACK_CONFIG, params, a)[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 3:5], forward(PACK_CONFIG, params, b)[0], atol=1e-5)
+    assert np.isfinite(np.asarray(packed)).all()
+
+
+def test_padding_invariance_and_no_nan():
+    params = _random_params(PACK_CONFIG)
+    rng = np.random.default_rng(1)
+    valid = rng.integers(0, V, size=(1, 5))
+    padded = np.concatenate([valid, rng.integers(0, V, size=(1, 3))], axis=1)  # garbage pad
+    segments = np.array([[1] * 5 + [0] * 3])
+    alone = forward(PACK_CONFIG, params, valid)
+    logits = forward(PACK_CONFIG, params, padded, None, segments)
+    np.testing.assert_allclose(logits[:, :5], alone, atol=1e-5)
+    assert np.isfinite(np.asarray(logits)).all()
+
+    def loss(p):
+        out = M.forward(PACK_CONFIG, p, padded, None, segments)
+        return jnp.sum(out * segments[..., None])
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def _loss_and_grads(config, params, tokens):
+    def loss(p):
+        logits = M.forward(config, p, tokens[:, :-1])
+        logps = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logps, tokens[:, 1:, None], axis=-1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_policies_and_unscanned_layers_agree():
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, V, size=(2, 9)))
+    params = _random_params(TINY)
+    ref_loss, ref_grads = _loss_and_grads(TINY, params, tokens)
+    for policy in ["dots_saveable", "full"]:
+        loss, grads = _loss_and_grads(
+            dataclasses.replace(TINY, remat_policy=policy), params, tokens
+        )
+        np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
+        # Recomputation lets XLA reassociate a few fp32 sums: relative 1e-5 on O(1) gradients.
+        close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+        jax.tree.map(close, grads, ref_grads)
+
+    # A Python loop of the same block, params unstacked into layers_0 ... layers_{L-1}.
+    loop = dataclasses.replace(TINY, scan_layers=False, remat_policy="full")
+    unstacked = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(L):
+        unstacked[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])  # noqa: B023
+    assert jax.tree.structure(unstacked) == jax.tree.structure(
+        nn.meta.unbox(M.init_params(loop, jax.random.key(0)))
+    )
+    loss, _ = _loss_and_grads(loop, unstacked, tokens)
+    np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
+
+
+def test_logical_axes():
+    config = dataclasses.replace(TINY, attention_bias=True, qk_norm=True)
+    axes = M.logical_axes(config)
+    P = jax.sharding.PartitionSpec
+    assert axes["embed"]["embedding"] == P("vocab", "embed")
+    attn = axes["layers"]["attn"]
+    assert attn["q_proj"]["kernel"] == P("layers", "embed", "heads", "head_dim")
+    assert attn["k_proj"]["kernel"] == P("layers", "embed", "kv_heads", "head_dim")
+    assert attn["v_proj"]["bias"] == P("layers", "kv_heads", "head_dim")
+    assert attn["o_proj"]["kernel"] == P("layers", "heads", "head_dim", "embed")
+    assert attn["q_norm"]["scale"] == P("layers", "norm")
+    assert axes["layers"]["mlp"]["down_proj"]["kernel"] == P("layers", "mlp", "embed")
+    assert axes["layers"]["mlp_norm"]["scale"] == P("layers", "norm")
+    assert axes["final_norm"]["scale"] == P(
+        "norm",
+    )
+    assert axes["lm_head"]["kernel"] == P("embed", "vocab")
+    # Every parameter is named, with one name per dimension.
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(M.init_params(config, jax.random.key(0))))
+    is_spec = lambda x: isinstance(x, P)
+    assert jax.tree.structure(axes, is_leaf=is_spec) == jax.tree.structure(shapes)
+    jax.tree.map(lambda s, x: len(s) == x.ndim or pytest.fail(f"{s} {x}"), axes, shapes,
+                 is_leaf=is_spec)  # fmt: skip
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == M.num_params(config)
+    tied = M.logical_axes(dataclasses.replace(config, tie_word_embeddings=True))
+    assert "lm_head" not in tied
+
+
+def test_bfloat16_compute_and_param_dtype():
+    config = dataclasses.replace(TINY, dtype="bfloat16")
+    params = _random_params(TINY)
+    tokens = np.random.default_rng(3).integers(0, V, size=(2, 8))
+    hidden = M.hidden_states(config, params, tokens)
+    assert hidden.dtype == jnp.bfloat16 and hidden.shape == (2, 8, D)
+    logits = forward(config, params, tokens)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, forward(TINY, params, tokens), atol=0.15)
+    boxed = M.init_params(dataclasses.replace(TINY, param_dtype="bfloat16"), jax.random.key(0))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+    assert M.unembedding(TINY, params).shape == (D, V)
