@@ -122,7 +122,7 @@ def _chunked_bwd(chunk, softcap, residuals, cotangents):
         # d logp / d logits = onehot(label) - softmax;  d mean / d logits = 1 / V.
         probs_NxC = jnp.exp(logits_NxC - logsumexp_N[:, None])
         onehot_NxC = (vocab_ids_C == labels_N[:, None]).astype(_F32)
-        dlogits_NxC = dlogps_N[:, None] * (onehot_NxC - probs_NxC) + dmean_N[:, None] / (vocab + 1)
+        dlogits_NxC = dlogps_N[:, None] * (onehot_NxC - probs_NxC) + dmean_N[:, None] / vocab
         if softcap is not None:  # d/dz cap*tanh(z/cap) = 1 - tanh^2 = 1 - (logit/cap)^2
             dlogits_NxC *= 1.0 - jnp.square(logits_NxC / softcap)
         dlogits_NxC = jnp.where(fresh_C, dlogits_NxC, 0.0)
@@ -163,7 +163,7 @@ def sequence_logps(
     Masked tokens are dropped with `where`, so a -inf or NaN logp there cannot leak.
     """
     mask_RxT = loss_mask_RxT.astype(bool)
-    values_RxT = jnp.where(mask_RxT, token_logps_RxT.astype(_F32), 0.0)
+    values_RxT = token_logps_RxT * mask_RxT.astype(_F32)
     ids_N = sequence_ids_RxT.reshape(-1)
     logps_S = jax.ops.segment_sum(values_RxT.reshape(-1), ids_N, num_segments=num_sequences)
     lengths_S = jax.ops.segment_sum(

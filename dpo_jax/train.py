@@ -94,6 +94,23 @@ def data_config_from(config) -> data.DataConfig:
     )
 
 
+def build_optimizer(config, total_steps: int):
+    t = config.training
+    optim_config = optim.OptimConfig(
+        learning_rate=t.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=t.warmup_steps,
+        schedule=t.lr_schedule,
+        min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay,
+        b1=t.adam_b1,
+        b2=t.adam_b2,
+        eps=t.adam_eps,
+        max_grad_norm=t.max_grad_norm,
+    )
+    return optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
+
+
 # ------------------------------------------------------------------ state set-up
 
 
@@ -265,19 +282,7 @@ def train(config, workdir: str, devices=None) -> TrainResult:
         )
 
     # --- optimizer, state, reference
-    optim_config = optim.OptimConfig(
-        learning_rate=t.learning_rate,
-        total_steps=total_steps,
-        warmup_steps=t.warmup_steps,
-        schedule=t.lr_schedule,
-        min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay,
-        b1=t.adam_b1,
-        b2=t.adam_b2,
-        eps=t.adam_eps,
-        max_grad_norm=t.max_grad_norm,
-    )
-    optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
+    optimizer, schedule = build_optimizer(config, total_steps)
     shardings = state_shardings(model_config, optimizer, mesh, rules)
     state = init_state(config, model_config, optimizer, shardings)
     # Reference = the initial policy; frozen, never donated, never in the optimizer.

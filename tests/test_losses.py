@@ -260,6 +260,11 @@ def test_orpo_and_discopop_stay_finite_at_extremes():
     assert np.isfinite(loss) and np.all(np.isfinite(grad))
     want = np_loss("orpo", [np.asarray(x, np.float64) for x in lp], beta=BETA).sum()
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+    certain = lp._replace(policy_chosen=0 * lp.policy_chosen)  # average logp exactly 0
+    loss, grad = jax.value_and_grad(
+        lambda p: preference_loss("orpo", certain._replace(policy_chosen=p), beta=BETA)[0].sum()
+    )(certain.policy_chosen)
+    assert np.isfinite(loss) and np.all(np.isfinite(grad))
     far = as_pairs(([-900.0, 0.0], [0.0, -900.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]))
     loss_B, _ = preference_loss("discopop", far, beta=1.0)
     assert np.all(np.isfinite(loss_B))
@@ -302,8 +307,9 @@ def test_nemo_style_weights_and_averaged_rewards():
     # ipo sees averaged log-probs, so do its rewards; logps/* stay summed.
     np.testing.assert_allclose(m["rewards/chosen"], BETA * (pw - rw) / lw, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(m["logps/chosen"], inp[0])
-    _, m = preference_loss("simpo", as_pairs(inp), beta=BETA)
-    np.testing.assert_allclose(m["rewards/rejected"], BETA * pl / ll, rtol=1e-5)
+    for name in ("simpo", "orpo"):  # reference-free: rewards are beta * average policy logp
+        _, m = preference_loss(name, as_pairs(inp), beta=BETA)
+        np.testing.assert_allclose(m["rewards/rejected"], BETA * pl / ll, rtol=1e-5)
 
 
 def test_pair_mask_zeroes_invalid_pairs_and_metrics():
@@ -341,10 +347,21 @@ def test_batch_losses_ignore_invalid_pairs(name):
     np.testing.assert_array_equal(grad[~mask], 0.0)
 
 
-def test_bco_explicit_delta():
+def test_bco_explicit_delta_and_stop_gradient_of_default_delta():
     inp = make_inputs(13)
     loss_B, _ = preference_loss("bco_pair", as_pairs(inp), beta=BETA, bco_delta=0.3)
     np.testing.assert_allclose(loss_B, np_loss("bco_pair", inp, delta=0.3), rtol=1e-5)
+    # At small beta the gradient through a mean delta cancels to first order; at beta = 1 it
+    # does not, so this tells a stop-gradient delta from a differentiated one.
+    pw, pl, rw, rl = (x.astype(np.float64) for x in inp[:4])
+    delta = np.concatenate([pw - rw, pl - rl]).mean()
+
+    def total(p):
+        lp = as_pairs(inp)._replace(policy_chosen=p)
+        return preference_loss("bco_pair", lp, beta=1.0)[0].sum()
+
+    want = _sig(-((pw - rw) - delta))  # d/dr_w of -log sig(r_w - delta), delta held fixed
+    np.testing.assert_allclose(jax.grad(total)(jnp.asarray(inp[0])), -want, rtol=1e-5, atol=1e-6)
 
 
 def test_discopop_tau():
