@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = embedded.TINY_MODEL_DIR  # local Hugging Face folder (config.json, tokenizer)
     c.model.init = "random"  # "random": fresh weights from training.seed
-    c.model.max_length = 96  # longest sequence the model is run on
+    c.model.max_length = 128  # longest sequence the model is run on
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU)
     c.model.param_dtype = "float32"  # master weights
     c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation ("cudnn" on GPU)
@@ -29,17 +29,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train_file = embedded.TRAIN_FILE  # .jsonl / .json of {"prompt","chosen","rejected"}
     c.data.validation_file = embedded.VALIDATION_FILE  # held-out pairs ("" = none)
     c.data.tokenizer = ""  # "" = the tokenizer in model.name
-    c.data.max_seq_length = 96  # prompt + completion tokens per sequence (row length)
+    c.data.max_seq_length = 80  # prompt + completion tokens per sequence (row length)
     c.data.max_prompt_length = 48  # prompts keep their last this-many tokens (0 = no limit)
     c.data.apply_chat_template = True  # render prompts as a user turn of the chat template
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 32  # pairs per optimizer step (all devices, all micro-batches)
     c.training.gradient_accumulation_steps = 1  # micro-batches per step
-    c.training.learning_rate = 2e-3  # peak; a model trained from scratch tolerates a high one
+    c.training.learning_rate = 1e-3  # peak; a tiny model tolerates more than the usual 1e-6..5e-5
     c.training.num_epochs = 1
-    c.training.max_steps = 60  # > 0 overrides num_epochs
-    c.training.warmup_steps = 5
+    c.training.max_steps = -1  # > 0 overrides num_epochs
+    c.training.warmup_steps = 10
     c.training.lr_schedule = "cosine"  # cosine | linear | constant, after warmup
     c.training.min_lr_ratio = 0.1
     c.training.weight_decay = 0.0
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.rules = DEFAULT_RULES  # logical parameter axis → mesh axis
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 20
+    c.checkpoint.every_steps = 25
     c.checkpoint.max_to_keep = 2
     c.checkpoint.async_save = True
 
@@ -75,6 +75,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.logging.every_steps = 5
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 20  # 0 = only at the end
+    c.eval.every_steps = 25  # 0 = only at the end
     c.eval.batch_size = 32  # pairs per eval batch
     return c

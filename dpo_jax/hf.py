@@ -59,7 +59,10 @@ def model_config_from_hf(hf: dict, *, where: str = "config.json", **runtime) -> 
         raise HFError(f"{where}: sliding-window attention is not supported yet")
     attention_bias = family["attention_bias"]
     if attention_bias is None:
-        attention_bias = bool(hf.get("attention_bias", False))
+        # Llama/Qwen3's attention_bias=True also biases o_proj, which this model lacks.
+        if hf.get("attention_bias", False):
+            raise HFError(f"{where}: attention_bias=True ({arch}) is not supported")
+        attention_bias = False
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers 5 keeps it under rope_parameters
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)

@@ -163,7 +163,7 @@ def sequence_logps(
     Masked tokens are dropped with `where`, so a -inf or NaN logp there cannot leak.
     """
     mask_RxT = loss_mask_RxT.astype(bool)
-    values_RxT = token_logps_RxT * mask_RxT.astype(_F32)
+    values_RxT = jnp.where(mask_RxT, token_logps_RxT.astype(_F32), 0.0)
     ids_N = sequence_ids_RxT.reshape(-1)
     logps_S = jax.ops.segment_sum(values_RxT.reshape(-1), ids_N, num_segments=num_sequences)
     lengths_S = jax.ops.segment_sum(
@@ -300,7 +300,8 @@ def bco_pair_loss(
 
 
 def sppo_hard_loss(lp: PairLogps, *, beta: float, **_) -> Array:
-    """SPPO, hard labels (arXiv 2405.00675, eq. 4.7 with P=1/0): (a - 1/2b)^2 + (l + 1/2b)^2."""
+    """SPPO, hard labels (arXiv 2405.00675, eq. 4.7 with P = 1 for the winner, 0 for the loser):
+    (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, a = logratio (not scaled by beta)."""
     logratio_w_B, logratio_l_B = _logratios_B(lp)
     return jnp.square(logratio_w_B - 0.5 / beta) + jnp.square(logratio_l_B + 0.5 / beta)
 
@@ -318,8 +319,9 @@ def _sorted_gap_B(a_B: Array, b_B: Array, pair_mask_B: Array | None) -> Array:
 def aot_loss(
     lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, pair_mask=None, **_
 ) -> Array:
-    """AOT paired (arXiv 2406.05882): smoothed -log sig(beta d), d = sort(pi_w/pi_l logratio)
-    - sort(ref logratio) over the batch. Per-pair values are per rank; only their sum is meant."""
+    """AOT paired (arXiv 2406.05882): smoothed -log sig(beta d) with
+    d = sort_batch(log pi_w - log pi_l) - sort_batch(log ref_w - log ref_l).
+    Entry k is the k-th rank's loss (sorting is per call: per micro-batch under accumulation)."""
     policy_B = lp.policy_chosen - lp.policy_rejected
     gap_B = _sorted_gap_B(policy_B, lp.reference_chosen - lp.reference_rejected, pair_mask)
     return jnp.where(
@@ -330,8 +332,8 @@ def aot_loss(
 def aot_unpaired_loss(
     lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, pair_mask=None, **_
 ) -> Array:
-    """AOT unpaired (arXiv 2406.05882): smoothed -log sig(beta d), d = sort(chosen logratio)
-    - sort(rejected logratio) over the batch. Per-pair values are per rank; sum them."""
+    """AOT unpaired (arXiv 2406.05882): smoothed -log sig(beta d) with
+    d = sort_batch(a_w) - sort_batch(a_l), a = logratio. Entry k is the k-th rank's loss."""
     gap_B = _sorted_gap_B(*_logratios_B(lp), pair_mask)
     return jnp.where(
         _valid(pair_mask, gap_B), _smoothed_logistic_B(beta * gap_B, label_smoothing), 0
@@ -391,9 +393,9 @@ def _log1mexp(x: Array) -> Array:
     x = jnp.minimum(x, -1e-20)  # x = 0 (certainty) would give log 0
     near_zero = x > -math.log(2.0)
     # Each branch sees only inputs where it is finite, so where() never back-propagates a NaN.
-    small = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
-    large = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
-    return jnp.where(near_zero, small, large)
+    near_B = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
+    far_B = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
+    return jnp.where(near_zero, near_B, far_B)
 
 
 def orpo_loss(lp: PairLogps, *, beta: float, **_) -> Array:
