@@ -7,6 +7,7 @@ import signal
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -61,6 +62,14 @@ class Checkpointer:
             self.preempted = True
 
         signal.signal(signal.SIGTERM, handler)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and exit now. With several processes every one must reach the
+        same answer at the same step, so JAX's preemption sync point decides (the
+        distributed runtime installs its own SIGTERM notice)."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.preempted
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,7 +1,11 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) as a pure function of params.
+"""Decoder of the common HF causal-LM families as a pure function of a params pytree.
 
-Shape legend: B rows, T tokens, D model, V vocab, N query heads, K kv heads, H head dim, F mlp,
-L layers.
+Llama 2/3/3.1/3.2 (SmolLM, TinyLlama), Mistral, Qwen2/2.5, Qwen3 and Gemma 2: one Linen module
+whose differences are ModelConfig fields (biases, q/k norm, sliding windows, Gemma 2's norm
+offset, embedding scale, sandwich norms, GeGLU and logit soft-capping).
+
+Shape legend: B rows, T tokens, S key tokens, D model, V vocab, N query heads, K kv heads,
+G query heads per kv head, H head dim, F mlp, L layers.
 
 Parameter tree (`init_params` returns it boxed with logical names; every public function also
 takes the plain, unboxed tree). Stacked layer params carry a leading [L] axis named "layers":
@@ -14,21 +18,27 @@ takes the plain, unboxed tree). Stacked layer params carry a leading [L] axis na
     layers/attn/{k,v}_proj/bias     [L, K, H]   ("layers", "kv_heads", "head_dim")  attention_bias
     layers/attn/o_proj/kernel       [L, N, H, D] ("layers", "heads", "head_dim", "embed")
     layers/attn/{q,k}_norm/scale    [L, H]      ("layers", "norm")  qk_norm
+    layers/post_attn_norm/scale     [L, D]      ("layers", "norm")  post_norms (Gemma 2)
     layers/mlp_norm/scale           [L, D]      ("layers", "norm")
     layers/mlp/{gate,up}_proj/kernel [L, D, F]  ("layers", "embed", "mlp")
     layers/mlp/down_proj/kernel     [L, F, D]   ("layers", "mlp", "embed")
+    layers/post_mlp_norm/scale      [L, D]      ("layers", "norm")  post_norms (Gemma 2)
     final_norm/scale                [D]         ("norm",)
     lm_head/kernel                  [D, V]      ("embed", "vocab")  untied only
 
-HF -> ours: q_proj.weight [N*H, D] is kernel.T reshaped to [D, N, H]; o_proj.weight [D, N*H] is
-kernel reshaped to [N*H, D] then transposed; mlp weights are transposed. RoPE uses HF's
-rotate_half (non-interleaved) layout, so no head_dim permutation is needed.
+HF -> ours (dpo_jax.hf holds the full table): q_proj.weight [N*H, D] is kernel.T reshaped to
+[D, N, H]; o_proj.weight [D, N*H] is kernel reshaped to [N*H, D] then transposed; mlp weights
+are transposed. RoPE uses HF's rotate_half (non-interleaved) layout, so no head_dim
+permutation is needed. Llama's post_attention_layernorm is our mlp_norm; Gemma 2's is
+post_attn_norm (its pre_feedforward_layernorm is mlp_norm). With rms_norm_unit_offset the
+stored scale s is applied as (1 + s), exactly as HF stores Gemma weights.
 With scan_layers=False the layers live under layers_0 ... layers_{L-1} without the [L] axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -69,6 +79,21 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     max_position_embeddings: int = 2048
+    # A query sees itself and the sliding_window - 1 keys before it (transformers' rule) in
+    # the layers that layer_types marks "sliding_attention"; layer_types=None with a window
+    # means every layer (Mistral).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # "sliding_attention" | "full_attention" per layer
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # gate activation (gelu_tanh: Gemma)
+    rms_norm_unit_offset: bool = False  # norms apply (1 + scale); scales init to 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings * sqrt(hidden_size) in the compute dtype (Gemma)
+    post_norms: bool = False  # RMSNorm on attention / mlp outputs before the residual (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (None: H)
+    attn_logit_softcap: float | None = None  # cap * tanh(scores / cap) before the mask (Gemma 2)
+    # Applied to the output logits by `forward`; the vocab-chunked log-prob of the trainer must
+    # apply it too (losses.chunked_token_logps(..., logit_softcap=final_logit_softcap)).
+    final_logit_softcap: float | None = None
+    architecture: str = "LlamaForCausalLM"  # the HF class this config came from / exports as
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention_impl: Literal["xla", "cudnn"] | None = None
@@ -80,12 +105,31 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} not a multiple of {self.num_kv_heads=}")
         if self.remat_policy not in _REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} not in {list(_REMAT_POLICIES)}")
+        if self.mlp_activation not in _ACTIVATIONS:
+            raise ValueError(f"mlp_activation={self.mlp_activation!r} not in {list(_ACTIVATIONS)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"{self.layer_types=} has not {self.num_layers} entries")
+            unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
+            if unknown:
+                raise ValueError(f"layer_types {sorted(unknown)}: sliding_attention|full_attention")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None)")
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per-layer attention window (0 = the whole causal prefix)."""
+        if self.sliding_window is None:
+            return (0,) * self.num_layers
+        types = self.layer_types or ("sliding_attention",) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
 
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 _REMAT_POLICIES = {
     "none": None,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -100,6 +144,7 @@ def num_params(config: ModelConfig) -> int:
     layer = 2 * d * n * h + 2 * d * k * h + 3 * d * f + 2 * d
     layer += (n + 2 * k) * h if config.attention_bias else 0
     layer += 2 * h if config.qk_norm else 0
+    layer += 2 * d if config.post_norms else 0
     head = 0 if config.tie_word_embeddings else d * config.vocab_size
     return config.vocab_size * d + config.num_layers * layer + d + head
 
@@ -110,8 +155,12 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True)
     n, k = config.num_heads, config.num_kv_heads
     matmul = config.num_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * config.intermediate_size)
     matmul += d * config.vocab_size  # unembedding (the embedding lookup is free)
-    # QK^T and PV: 4*N*H FLOPs per visible key; causal rows see seq_len/2 keys on average.
-    attention = config.num_layers * 2 * n * h * seq_len
+    # QK^T and PV: 4*N*H FLOPs per visible key; causal rows see seq_len/2 keys on average, and
+    # a window W < seq_len leaves W - W^2 / (2 seq_len) of them.
+    attention = 0.0
+    for window in config.layer_windows:
+        visible = seq_len / 2 if not 0 < window < seq_len else window - window**2 / (2 * seq_len)
+        attention += 4 * n * h * visible
     return (3.0 if backward else 1.0) * (2 * matmul + attention)
 
 
@@ -150,23 +199,38 @@ def _apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, computed in fp32."""
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, computed in fp32.
+
+    With unit_offset the stored scale s multiplies as (1 + s) and starts at 0 (Gemma)."""
 
     eps: float
     dtype: str
     param_dtype: str
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            nn.with_logical_partitioning(init, ("norm",)),
             (x.shape[-1],),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+        scale32 = scale.astype(jnp.float32) + (1.0 if self.unit_offset else 0.0)
+        return (x32 * scale32).astype(self.dtype)
+
+
+def _norm(config: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(
+        config.rms_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        unit_offset=config.rms_norm_unit_offset,
+        name=name,
+    )
 
 
 class Einsum(nn.Module):
@@ -191,13 +255,31 @@ class Einsum(nn.Module):
         return y
 
 
+def _softcap_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, softcap):
+    """Causal GQA attention with Gemma 2's score cap: cap * tanh(q.k * scale / cap), fp32
+    scores and softmax (jax.nn.dot_product_attention has no soft-capping)."""
+    b, t, n, h = q_BxTxNxH.shape
+    k = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    scores_BxKxGxTxS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
+    scores_BxKxGxTxS = softcap * jnp.tanh(scores_BxKxGxTxS * scale / softcap)
+    causal_TxS = jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))
+    visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None] & causal_TxS
+    scores_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, scores_BxKxGxTxS, -1e30)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
-    """Grouped-query attention, causal within each segment."""
+    """Grouped-query attention, causal within each segment (and within `window` if > 0)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT):
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, window):
         c = self.config
         d, h, n, k = c.hidden_size, c.resolved_head_dim, c.num_heads, c.num_kv_heads
         dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
@@ -226,21 +308,39 @@ class Attention(nn.Module):
         # Causal by index in the row AND same segment. Padding (segment 0) attends to padding and
         # every token sees itself, so no softmax row is empty (no NaN).
         mask_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH,
-            k_BxTxKxH,
-            v_BxTxKxH,
-            mask=mask_Bx1xTxT,
-            is_causal=True,
-            implementation=c.attention_impl,
-        )
+        if c.sliding_window is not None:
+            # transformers' sliding window: key index > query index - window. `window` is traced
+            # under scan (alternating layers share one compiled body); 0 = a full-attention layer.
+            index_T = jnp.arange(x_BxTxD.shape[1])
+            distance_TxT = index_T[:, None] - index_T[None, :]
+            mask_Bx1xTxT &= (window <= 0) | (distance_TxT < window)
+        scale = (c.query_pre_attn_scalar or h) ** -0.5
+        if c.attn_logit_softcap is not None:
+            out_BxTxNxH = _softcap_attention(
+                q_BxTxNxH,
+                k_BxTxKxH,
+                v_BxTxKxH,
+                mask_Bx1xTxT,
+                scale=scale,
+                softcap=c.attn_logit_softcap,
+            )
+        else:
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH,
+                k_BxTxKxH,
+                v_BxTxKxH,
+                mask=mask_Bx1xTxT,
+                scale=scale,
+                is_causal=True,
+                implementation=c.attention_impl,
+            )
         return Einsum(
             "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dt
         )(out_BxTxNxH)
 
 
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU (tanh gelu) for Gemma."""
 
     config: ModelConfig
 
@@ -253,7 +353,7 @@ class Mlp(nn.Module):
             x_BxTxD
         )
         up_BxTxF = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), name="up_proj", **dt)(x_BxTxD)
-        h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+        h_BxTxF = _ACTIVATIONS[c.mlp_activation](gate_BxTxF) * up_BxTxF
         return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), name="down_proj", **dt)(h_BxTxF)
 
 
@@ -271,21 +371,22 @@ class Kernel(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer; returns (x, None) so it can be the body of nn.scan."""
+    """Pre-norm decoder layer (plus Gemma 2's post-norms); returns (x, None) for nn.scan."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT):
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, window):
         c = self.config
-        dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-        y_BxTxD = RMSNorm(c.rms_norm_eps, name="attn_norm", **dt)(x_BxTxD)
-        x_BxTxD = x_BxTxD + Attention(c, name="attn")(
-            y_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT
-        )
-        y_BxTxD = RMSNorm(c.rms_norm_eps, name="mlp_norm", **dt)(x_BxTxD)
-        x_BxTxD = x_BxTxD + Mlp(c, name="mlp")(y_BxTxD)
-        return x_BxTxD, None
+        y_BxTxD = _norm(c, "attn_norm")(x_BxTxD)
+        y_BxTxD = Attention(c, name="attn")(y_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, window)
+        if c.post_norms:
+            y_BxTxD = _norm(c, "post_attn_norm")(y_BxTxD)
+        x_BxTxD = x_BxTxD + y_BxTxD
+        y_BxTxD = Mlp(c, name="mlp")(_norm(c, "mlp_norm")(x_BxTxD))
+        if c.post_norms:
+            y_BxTxD = _norm(c, "post_mlp_norm")(y_BxTxD)
+        return x_BxTxD + y_BxTxD, None
 
 
 class Decoder(nn.Module):
@@ -301,6 +402,10 @@ class Decoder(nn.Module):
         x_BxTxD = nn.Embed(
             c.vocab_size, c.hidden_size, embedding_init=embed_init, name="embed", **dt
         )(tokens_BxT)
+        if c.scale_embeddings:
+            # HF rounds sqrt(D) to the compute dtype first (bf16: sqrt(2304) = 48.0 exactly,
+            # sqrt(3584) -> 60.0 rather than 59.87).
+            x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(c.hidden_size), c.dtype)
         cos_BxTxH, sin_BxTxH = _rope_cos_sin(c, positions_BxT)
 
         block = Block
@@ -308,26 +413,29 @@ class Decoder(nn.Module):
         if policy is not None:
             # Under scan, CSE cannot merge the recomputation into the forward pass anyway.
             block = nn.remat(Block, policy=policy, prevent_cse=not c.scan_layers)
+        windows = c.layer_windows
         if c.scan_layers:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxTxD, _ = stack(c, name="layers")(x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT)
+            x_BxTxD, _ = stack(c, name="layers")(
+                x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, jnp.asarray(windows, jnp.int32)
+            )
         else:
             for i in range(c.num_layers):
                 x_BxTxD, _ = block(c, name=f"layers_{i}")(
-                    x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT
+                    x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, windows[i]
                 )
         if not c.tie_word_embeddings:
             # Created here so init makes it; applied by `forward` / the chunked log-prob path.
             shape = (c.hidden_size, c.vocab_size)
             Kernel(shape, ("embed", "vocab"), c.param_dtype, name="lm_head")()
-        return RMSNorm(c.rms_norm_eps, name="final_norm", **dt)(x_BxTxD)
+        return _norm(c, "final_norm")(x_BxTxD)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
@@ -366,7 +474,12 @@ def unembedding(config: ModelConfig, params: Params) -> jax.Array:
 def forward(
     config: ModelConfig, params: Params, tokens_BxT, positions_BxT=None, segment_ids_BxT=None
 ) -> jax.Array:
-    """Full float32 logits [B, T, V] (eval and tests; training uses the vocab-chunked path)."""
+    """Full float32 logits [B, T, V], soft-capped when the config says so (eval and tests;
+    training uses the vocab-chunked path, which must apply config.final_logit_softcap too)."""
     h_BxTxD = hidden_states(config, params, tokens_BxT, positions_BxT, segment_ids_BxT)
     w_DxV = unembedding(config, params).astype(config.dtype)
-    return jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+    logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
+    if config.final_logit_softcap is not None:
+        cap = config.final_logit_softcap
+        logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
+    return logits_BxTxV

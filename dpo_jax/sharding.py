@@ -9,6 +9,7 @@ data-parallel axes (`data` × `fsdp`): FSDP shards parameters *and* data, like Z
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -108,13 +109,48 @@ def check_batch_rows(num_rows: int, mesh: Mesh, what: str) -> None:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, row_axis: int) -> dict[str, jax.Array]:
-    """Host numpy batch → global jax.Arrays: row-level arrays are split over the
-    data-parallel axes, pair-level arrays (fewer dims) are replicated."""
+    """Host numpy batch (global shape) → global jax.Arrays: row-level arrays are split over
+    the data-parallel axes, pair-level arrays (fewer dims) are replicated. Each process
+    transfers only the slices its own devices hold, so this is correct on many hosts."""
     placed = {}
     for name, array in batch.items():
         if array.ndim > row_axis + 1:
             sharding = batch_sharding(mesh, array.ndim, row_axis)
         else:
             sharding = replicated(mesh)
-        placed[name] = jax.device_put(array, sharding)
+        placed[name] = jax.make_array_from_callback(
+            array.shape, sharding, lambda index, array=array: array[index]
+        )
     return placed
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts JAX's multi-controller runtime when the launch has several processes.
+
+    Explicit flags win (Kubernetes JobSets pass them from the pod's index, see
+    launch/README.md); otherwise JAX's own detection handles SLURM (srun) and Open MPI
+    (mpirun), or any launch that sets DPO_JAX_DISTRIBUTED=1. A plain single-process launch
+    does nothing. Must run before any computation touches a device.
+    """
+    explicit = coordinator_address is not None and (num_processes or 1) > 1
+    if explicit:
+        # CPU devices need a collectives backend to talk across processes; GPUs and TPUs
+        # ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif cluster_detected():
+        jax.distributed.initialize()
+
+
+def cluster_detected() -> bool:
+    """A multi-process launch by SLURM (srun), Open MPI (mpirun), or one that asks for it."""
+    env = os.environ
+    if env.get("DPO_JAX_DISTRIBUTED") == "1":
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        return True
+    return int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1

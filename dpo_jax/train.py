@@ -28,6 +28,9 @@ from dpo_jax.step import LossConfig, TrainState, eval_sums, finalize, train_step
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 FLAGS = flags.FLAGS
 
 
@@ -305,9 +308,10 @@ def train(config, workdir: str, devices=None) -> TrainResult:
         )
     else:
         start_step = 0
-        with open(writer.path, "w"):
-            pass
-    ckpt.watch_preemption()
+        if jax.process_index() == 0:
+            open(writer.path, "w").close()
+    if jax.process_count() == 1:  # the distributed runtime watches SIGTERM itself
+        ckpt.watch_preemption()
 
     # --- compiled steps
     ref_shardings = shardings.params if ref_params is not None else None
@@ -380,15 +384,21 @@ def train(config, workdir: str, devices=None) -> TrainResult:
         step += 1
         done = step == total_steps
         eval_every = config.eval.every_steps
-        if done or (eval_every > 0 and step % eval_every == 0):
+        run_eval_now = done or (eval_every > 0 and step % eval_every == 0)
+        stop = ckpt.should_stop(step)
+        save_now = step % config.checkpoint.every_steps == 0 or done or stop
+        if pending is not None and (run_eval_now or save_now):
+            # Rows logged before a checkpoint must be on disk before it exists: a resumed
+            # run recomputes only the steps after the checkpoint.
+            flush(pending)
+            pending = None
+        if run_eval_now:
             evaluate(step)
-        if step % config.checkpoint.every_steps == 0 or done or ckpt.preempted:
+        if save_now:
             ckpt.save(step, state, iterator.state(), config_json)
-        if ckpt.preempted:
+        if stop:
             print(f"pre-empted: saved step {step}; re-run the same command to resume", flush=True)
             break
-    if pending is not None:
-        flush(pending)
     ckpt.wait()
     ckpt.close()
     return TrainResult(state, ref_params, eval_metrics, completed=step == total_steps)
@@ -400,6 +410,9 @@ USER_ERRORS = (ConfigError, data.DataError, hf.HFError, sharding.MeshError)
 
 def main(argv) -> None:
     del argv
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     try:
         train(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as error:

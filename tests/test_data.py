@@ -65,7 +65,10 @@ def test_chat_template_prompt_and_eos_terminated_completion(tokenizer):
     cfg = data.DataConfig(max_seq_length=96)
     (pair,), _ = data.tokenize_records([("x:1", GOOD)], tokenizer, cfg)
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": GOOD["prompt"]}, {"role": "assistant", "content": GOOD["chosen"]}],
+        [
+            {"role": "user", "content": GOOD["prompt"]},
+            {"role": "assistant", "content": GOOD["chosen"]},
+        ],
         tokenize=False,
     )
     full = tokenizer(rendered, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,208 @@
+"""Tokenized pairs → fixed-shape host batches in the DESIGN layout (see the package docstring).
+
+Padded: one sequence per row (row 2p = chosen of pair p, 2p+1 = its rejected), row length
+a bucket from a short static list, so XLA compiles once per bucket, not once per batch.
+Packed: several sequences per row, whole pairs placed first-fit-decreasing into a static
+number of rows and pair slots per micro-batch; positions restart and segment ids count up
+within each row, so attention never crosses sequences.
+
+A process builds only its own rows: `rows=(start, stop)` of the rows of a micro-batch.
+Pair-level arrays (pair_mask) are whole on every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .problems import DataError
+from .tokens import TokenizedPair
+
+# A packed sequence placement: (row, offset, segment id).
+Slot = tuple[int, int, int]
+
+
+def empty_batch(num_rows: int, row_length: int, num_pairs: int, pad_id: int) -> dict:
+    return {
+        "tokens": np.full((num_rows, row_length), pad_id, np.int32),
+        "positions": np.zeros((num_rows, row_length), np.int32),
+        "segment_ids": np.zeros((num_rows, row_length), np.int32),
+        "labels": np.full((num_rows, row_length), pad_id, np.int32),
+        "loss_mask": np.zeros((num_rows, row_length), bool),
+        "sequence_ids": np.zeros((num_rows, row_length), np.int32),
+        "pair_mask": np.zeros((num_pairs,), bool),
+    }
+
+
+def write_sequence(
+    batch: dict,
+    row: int,
+    start: int,
+    segment: int,
+    sequence_id: int,
+    prompt: np.ndarray,
+    completion: np.ndarray,
+) -> int:
+    """Writes one prompt+completion at batch[row, start:]; returns the end offset."""
+    tokens = np.concatenate([prompt, completion])
+    end = start + len(tokens)
+    span = slice(start, end)
+    batch["tokens"][row, span] = tokens
+    batch["positions"][row, span] = np.arange(len(tokens))
+    batch["segment_ids"][row, span] = segment
+    batch["sequence_ids"][row, span] = sequence_id
+    # Position t predicts token t+1; the last token of a sequence predicts nothing.
+    batch["labels"][row, start : end - 1] = tokens[1:]
+    batch["loss_mask"][row, start + len(prompt) - 1 : end - 1] = True
+    return end
+
+
+def process_rows(num_rows: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The contiguous block of rows that process `process_index` builds."""
+    if num_rows % process_count:
+        raise DataError(
+            f"{num_rows} rows per micro-batch cannot be split evenly over {process_count} "
+            "processes; make the rows per micro-batch a multiple of the process count"
+        )
+    size = num_rows // process_count
+    return process_index * size, (process_index + 1) * size
+
+
+def padded_batch(
+    pairs: Sequence[TokenizedPair],
+    num_pairs: int,
+    row_length: int,
+    pad_id: int,
+    rows: tuple[int, int] | None = None,
+) -> dict:
+    """One sequence per row: row 2p is the chosen of pair p, row 2p+1 its rejected."""
+    start, stop = rows or (0, 2 * num_pairs)
+    batch = empty_batch(stop - start, row_length, num_pairs, pad_id)
+    for p, pair in enumerate(pairs):
+        batch["pair_mask"][p] = True
+        for side, completion in enumerate((pair.chosen, pair.rejected)):
+            if start <= 2 * p + side < stop:
+                write_sequence(batch, 2 * p + side - start, 0, 1, 2 * p + side, pair.prompt,
+                               completion)
+    return batch
+
+
+def resolve_buckets(spec, max_seq_length: int) -> tuple[int, ...]:
+    """Padded row lengths: "" → (max_seq_length,); "auto" → quarters of it (multiples of 8);
+    "128,256" or a list → those, capped and completed by max_seq_length."""
+    if spec is None or spec == "" or spec == ():
+        return (max_seq_length,)
+    if spec == "auto":
+        lengths = [-(-max_seq_length * k // 4) for k in (1, 2, 3)]
+        lengths = [-(-n // 8) * 8 for n in lengths]
+    else:
+        values = spec.split(",") if isinstance(spec, str) else spec
+        try:
+            lengths = [int(v) for v in values if str(v).strip()]
+        except ValueError:
+            raise DataError(f"config data.bucket_lengths={spec!r}: expected integers") from None
+        if any(n < 2 for n in lengths):
+            raise DataError(f"config data.bucket_lengths={spec!r}: lengths must be >= 2")
+    return tuple(sorted({n for n in lengths if n < max_seq_length} | {max_seq_length}))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= length)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_step(
+    window: Sequence[int],
+    chosen_lengths: np.ndarray,
+    rejected_lengths: np.ndarray,
+    *,
+    micro_batches: int,
+    rows: int,
+    row_length: int,
+    pair_slots: int,
+) -> tuple[list[list[tuple[int, Slot, Slot]]], list[int]]:
+    """First-fit decreasing of whole pairs into one optimizer step.
+
+    Pairs (longest first; ties keep window order) go to the first micro-batch with a free
+    pair slot whose rows fit both sequences, each sequence first-fit into its rows. Returns
+    per micro-batch [(pair index, chosen slot, rejected slot)] in slot order, and the pairs
+    of `window` that did not fit (in window order) for the next step.
+    """
+    free = np.full((micro_batches, rows), row_length, np.int64)
+    segments = np.zeros((micro_batches, rows), np.int64)
+    plans: list[list] = [[] for _ in range(micro_batches)]
+    placed = set()
+    for i in sorted(window, key=lambda i: -(chosen_lengths[i] + rejected_lengths[i])):
+        lengths = (int(chosen_lengths[i]), int(rejected_lengths[i]))
+        longer = 0 if lengths[0] >= lengths[1] else 1
+        counts = np.array([len(p) for p in plans])
+        for a in np.flatnonzero((counts < pair_slots) & (free >= lengths[longer]).any(1)):
+            slots: list = [None, None]
+            for side in (longer, 1 - longer):
+                fits = free[a] >= lengths[side]
+                if not fits.any():
+                    break
+                row = int(np.argmax(fits))
+                segments[a, row] += 1
+                slots[side] = (row, row_length - int(free[a, row]), int(segments[a, row]))
+                free[a, row] -= lengths[side]
+            if slots[1 - longer] is None:  # undo the longer one
+                row, _, _ = slots[longer]
+                free[a, row] += lengths[longer]
+                segments[a, row] -= 1
+                continue
+            plans[a].append((i, slots[0], slots[1]))
+            placed.add(i)
+            break
+    return plans, [i for i in window if i not in placed]
+
+
+def fill_packed(
+    plan: Sequence[tuple[int, Slot, Slot]],
+    pairs: Sequence[TokenizedPair],
+    *,
+    num_rows: int,
+    row_length: int,
+    num_pairs: int,
+    pad_id: int,
+    rows: tuple[int, int] | None = None,
+) -> dict:
+    """One packed micro-batch from its plan; pair p of the plan is sequences 2p and 2p+1."""
+    start, stop = rows or (0, num_rows)
+    batch = empty_batch(stop - start, row_length, num_pairs, pad_id)
+    for p, (i, *slots) in enumerate(plan):
+        batch["pair_mask"][p] = True
+        pair = pairs[i]
+        for side, (row, offset, segment) in enumerate(slots):
+            if start <= row < stop:
+                completion = pair.rejected if side else pair.chosen
+                write_sequence(batch, row - start, offset, segment, 2 * p + side, pair.prompt,
+                               completion)
+    return batch
+
+
+def packed_batch(
+    pairs: Sequence[TokenizedPair], num_pairs: int, num_rows: int, row_length: int, pad_id: int
+) -> dict:
+    """All of `pairs` packed into one micro-batch of num_rows rows (pair p keeps slot p).
+
+    Raises DataError when they do not fit."""
+    chosen = np.array([n for n, _ in (p.lengths for p in pairs)])
+    rejected = np.array([n for _, n in (p.lengths for p in pairs)])
+    (plan,), left = pack_step(range(len(pairs)), chosen, rejected, micro_batches=1,
+                              rows=num_rows, row_length=row_length, pair_slots=num_pairs)
+    if left:
+        raise DataError(
+            f"packing: {2 * len(pairs)} sequences do not fit in {num_rows} rows of "
+            f"{row_length} tokens"
+        )
+    plan = sorted(plan)  # slot p = pair p, as in padded_batch
+    return fill_packed(plan, pairs, num_rows=num_rows, row_length=row_length,
+                       num_pairs=num_pairs, pad_id=pad_id)
+
+
+def stack_batches(batches: Sequence[dict]) -> dict:
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}

@@ -1,0 +1,270 @@
+"""The training stream: a pure function of (data, seed, epoch, step), and eval batches.
+
+Epoch e's order is a permutation drawn from (seed, e); with a weighted mixture each source
+first contributes its share of the epoch (sampled from (seed, e, source), repeated when a
+small source is upsampled). Padded steps take the next batch_size pairs (a partial last batch
+of an epoch is left to later epochs' shuffles); packed steps take pairs in that order, packed
+first-fit-decreasing with a look-ahead window, so a step's pair count varies while its shape
+does not. The position is {"epoch", "index", "fingerprint"} (JSON, saved with checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .batching import (
+    bucket_for,
+    fill_packed,
+    pack_step,
+    padded_batch,
+    process_rows,
+    stack_batches,
+)
+from .problems import DataError
+from .tokens import TokenizedPair
+
+
+def mixture_quotas(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Pairs per epoch from each source: the epoch keeps its natural size, split by weight
+    (largest remainders, so the quotas add up exactly)."""
+    total, weight = sum(sizes), float(sum(weights))
+    if len(weights) != len(sizes) or weight <= 0 or min(weights) < 0:
+        raise DataError(f"config data.train_weights={list(weights)}: need one non-negative "
+                        f"weight per training source ({len(sizes)}), not all zero")
+    exact = [total * w / weight for w in weights]
+    quotas = [math.floor(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: quotas[i] - exact[i])[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+class PairIterator:
+    """Endless, deterministic stream of training batches [A, R, T] / [A, P]."""
+
+    def __init__(
+        self,
+        pairs: Sequence[TokenizedPair],
+        *,
+        batch_size: int,
+        accumulation_steps: int,
+        row_length: int,
+        pad_id: int,
+        seed: int,
+        shuffle: bool = True,
+        buckets: Sequence[int] = (),
+        packing: bool = False,
+        packed_rows: int = 0,
+        packed_pairs: int = 0,
+        sources: Sequence[tuple[int, float]] | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if batch_size % accumulation_steps:
+            raise DataError(
+                f"config training.batch_size={batch_size} is not divisible by "
+                f"training.gradient_accumulation_steps={accumulation_steps}"
+            )
+        self.pairs, self.seed, self.shuffle = pairs, seed, shuffle
+        self.batch_size, self.accumulation_steps = batch_size, accumulation_steps
+        self.row_length, self.pad_id = row_length, pad_id
+        self.buckets = tuple(buckets) or (row_length,)
+        self.packing = packing
+        self.process_index, self.process_count = process_index, process_count
+        # (size, weight) per source, in the order the sources are concatenated in `pairs`.
+        self.sources = list(sources) if sources else None
+        if self.sources and sum(n for n, _ in self.sources) != len(pairs):
+            raise ValueError("sources must add up to the number of pairs")
+        self.quotas = (mixture_quotas([n for n, _ in self.sources], [w for _, w in self.sources])
+                       if self.sources else [len(pairs)])
+        self.chosen_lengths = np.array([len(p.prompt) + len(p.chosen) for p in pairs], np.int64)
+        self.rejected_lengths = np.array([len(p.prompt) + len(p.rejected) for p in pairs], np.int64)
+        micro = batch_size // accumulation_steps
+        if packing:
+            self.rows = packed_rows or 2 * micro
+            mean_pair = float((self.chosen_lengths + self.rejected_lengths).mean()) if pairs else 1
+            self.pair_slots = packed_pairs or -(-int(1.5 * self.rows * row_length / mean_pair) // 8) * 8
+        else:
+            self.rows, self.pair_slots = 2 * micro, micro
+            if len(pairs) < batch_size:
+                raise DataError(f"training data has {len(pairs)} pairs, fewer than "
+                                f"training.batch_size={batch_size}")
+        self.row_range = process_rows(self.rows, process_index, process_count)
+        self.epoch = 0
+        self.index = 0  # steps already taken from this epoch
+        self._plan: tuple[int, list] | None = None  # (epoch, packed steps) of the last epoch
+
+    # ------------------------------------------------------------------- order and plan
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.sources is None:
+            return rng.permutation(len(self.pairs)) if self.shuffle else np.arange(len(self.pairs))
+        parts, start = [], 0
+        for s, ((size, _), quota) in enumerate(zip(self.sources, self.quotas, strict=True)):
+            source_rng = np.random.default_rng([self.seed, epoch, s])
+            repeats = -(-quota // size) if size else 0
+            drawn = np.concatenate([source_rng.permutation(size) for _ in range(repeats)] or
+                                   [np.zeros(0, np.int64)])
+            parts.append(start + drawn[:quota])
+            start += size
+        order = np.concatenate(parts)
+        return rng.permutation(order) if self.shuffle else order
+
+    def packed_plan(self, epoch: int) -> list:
+        """[step][micro-batch] → [(pair index, chosen slot, rejected slot)] for one epoch."""
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
+        order = list(self.epoch_order(epoch))
+        capacity = self.accumulation_steps * self.rows * self.row_length
+        mean_pair = float((self.chosen_lengths + self.rejected_lengths).mean())
+        window_size = min(self.accumulation_steps * self.pair_slots,
+                          int(1.5 * capacity / mean_pair) + 8)
+        steps, waiting, next_pair = [], [], 0
+        while waiting or next_pair < len(order):
+            take = window_size - len(waiting)
+            waiting += order[next_pair : next_pair + take]
+            next_pair += take
+            plan, waiting = pack_step(
+                waiting, self.chosen_lengths, self.rejected_lengths,
+                micro_batches=self.accumulation_steps, rows=self.rows,
+                row_length=self.row_length, pair_slots=self.pair_slots,
+            )
+            steps.append(plan)
+        self._plan = (epoch, steps)
+        return steps
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        if self.packing:
+            return len(self.packed_plan(epoch))
+        return sum(self.quotas) // self.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps_in_epoch(0)
+
+    def total_steps(self, num_epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(num_epochs))
+
+    # ------------------------------------------------------------------------- position
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([
+            self.seed, self.shuffle, self.batch_size, self.accumulation_steps, self.row_length,
+            self.buckets, self.packing, self.rows, self.pair_slots, self.sources,
+        ]).encode())
+        h.update(self.chosen_lengths.tobytes() + self.rejected_lengths.tobytes())
+        return h.hexdigest()[:16]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "fingerprint": self.fingerprint()}
+
+    def restore(self, state: dict) -> None:
+        saved = state.get("fingerprint")
+        if saved is not None and saved != self.fingerprint():
+            raise DataError(
+                "the checkpoint's data position belongs to other training data or batch "
+                "settings (data files, tokenizer, lengths, batch size, packing, seed); "
+                "restore the original settings or start in a new --workdir"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    # -------------------------------------------------------------------------- batches
+
+    def step_pairs(self, epoch: int, index: int) -> list:
+        """The pair indices of one step, per micro-batch (pair slot order)."""
+        if self.packing:
+            return [[i for i, _, _ in plan] for plan in self.packed_plan(epoch)[index]]
+        order = self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        return [list(x) for x in np.split(order, self.accumulation_steps)]
+
+    def build_step(self, epoch: int, index: int) -> dict:
+        if self.packing:
+            return stack_batches([
+                fill_packed(plan, self.pairs, num_rows=self.rows, row_length=self.row_length,
+                            num_pairs=self.pair_slots, pad_id=self.pad_id, rows=self.row_range)
+                for plan in self.packed_plan(epoch)[index]
+            ])
+        micro = self.step_pairs(epoch, index)
+        longest = max(max(self.chosen_lengths[i], self.rejected_lengths[i]) for m in micro for i in m)
+        row_length = bucket_for(int(longest), self.buckets)
+        return stack_batches([
+            padded_batch([self.pairs[i] for i in m], self.pair_slots, row_length, self.pad_id,
+                         rows=self.row_range)
+            for m in micro
+        ])
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        while self.index >= self.steps_in_epoch(self.epoch):
+            self.epoch, self.index = self.epoch + 1, 0
+        batch = self.build_step(self.epoch, self.index)
+        self.index += 1
+        return batch
+
+    def eval_batches(self, pairs: Sequence[TokenizedPair], batch_size: int) -> Iterator[dict]:
+        """eval_batches with this stream's row length, buckets, padding and process slice."""
+        return eval_batches(pairs, batch_size=batch_size, row_length=self.row_length,
+                            pad_id=self.pad_id, buckets=self.buckets,
+                            process_index=self.process_index, process_count=self.process_count)
+
+    # ----------------------------------------------------------------------- statistics
+
+    def efficiency(self, epoch: int = 0) -> dict:
+        """Real tokens / row tokens of one epoch's steps, without building them."""
+        real = slots = 0
+        pairs_per_step, shapes = [], {}
+        for index in range(self.steps_in_epoch(epoch)):
+            micro = self.step_pairs(epoch, index)
+            step = [i for m in micro for i in m]
+            real += int(self.chosen_lengths[step].sum() + self.rejected_lengths[step].sum())
+            pairs_per_step.append(len(step))
+            if self.packing:
+                row_length = self.row_length
+            else:
+                longest = max(max(self.chosen_lengths[step]), max(self.rejected_lengths[step]))
+                row_length = bucket_for(int(longest), self.buckets)
+            shapes[row_length] = shapes.get(row_length, 0) + 1
+            slots += self.accumulation_steps * self.rows * row_length
+        key = "packing_efficiency" if self.packing else "padding_efficiency"
+        counts = np.array(pairs_per_step or [0])
+        report = {
+            "mode": "packed" if self.packing else "padded",
+            key: round(real / max(slots, 1), 4),
+            "steps_per_epoch": len(pairs_per_step),
+            "rows_per_micro_batch": self.rows,
+            "pair_slots_per_micro_batch": self.pair_slots,
+            "pairs_per_step": {"min": int(counts.min()), "mean": round(float(counts.mean()), 2),
+                               "max": int(counts.max())},
+            "steps_by_row_length": {str(k): v for k, v in sorted(shapes.items())},
+        }
+        if not self.packing:
+            report["pairs_left_per_epoch"] = sum(self.quotas) % self.batch_size
+        return report
+
+
+def eval_batches(
+    pairs: Sequence[TokenizedPair],
+    *,
+    batch_size: int,
+    row_length: int,
+    pad_id: int,
+    buckets: Sequence[int] = (),
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """Every pair exactly once, in file order, padded [2·batch_size, T] with T the smallest
+    bucket that fits the batch; the last batch is completed with filler pairs (pair_mask
+    False) so that the shape never changes."""
+    buckets = tuple(buckets) or (row_length,)
+    rows = process_rows(2 * batch_size, process_index, process_count)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        longest = max(max(p.lengths) for p in chunk)
+        yield padded_batch(chunk, batch_size, bucket_for(longest, buckets), pad_id, rows=rows)

@@ -1,0 +1,205 @@
+"""Metric sinks beside metrics.jsonl: TensorBoard event files and, optionally, Weights & Biases.
+
+Each writer has write(step, metrics) and close(). Train metrics and eval/ metrics go to two
+TensorBoard runs, DIR/tensorboard/train and DIR/tensorboard/eval, under the same tags
+("loss", "rewards/margins", ...), so TensorBoard draws train and eval on one chart.
+
+    python -m dpo_jax.metrics_log DIR    # (re)writes DIR/tensorboard from DIR/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+import warnings
+
+EVAL_PREFIX = "eval/"
+
+
+def split_metrics(metrics: dict) -> dict[str, dict[str, float]]:
+    """{"train": {tag: value}, "eval": {tag: value}}: eval/ keys lose their prefix."""
+    runs: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+    for key, value in metrics.items():
+        if key == "step":
+            continue
+        if key.startswith(EVAL_PREFIX):
+            runs["eval"][key[len(EVAL_PREFIX) :]] = float(value)
+        else:
+            runs["train"][key] = float(value)
+    return runs
+
+
+class TensorBoardWriter:
+    """Scalars into DIR/tensorboard/{train,eval}/events.* (tensorboardX; no TensorFlow).
+
+    `purge_step`: on resume, the step training restarts from; TensorBoard then hides the
+    events an interrupted run wrote at or after it (they are recomputed)."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter  # imported here: only runs that log need it
+
+        self.logdir = logdir
+        self.writers = {
+            run: SummaryWriter(os.path.join(logdir, run), purge_step=purge_step)
+            for run in ("train", "eval")
+        }
+
+    def write(self, step: int, metrics: dict) -> None:
+        for run, scalars in split_metrics(metrics).items():
+            for tag, value in scalars.items():
+                self.writers[run].add_scalar(tag, value, global_step=int(step))
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class WandbWriter:
+    """Weights & Biases run of the workdir; a resumed training continues the same W&B run
+    (its id is kept in DIR/wandb_run_id)."""
+
+    def __init__(self, workdir: str, *, project: str, config: dict | None = None, name=None):
+        import wandb
+
+        self.wandb = wandb
+        id_path = os.path.join(workdir, "wandb_run_id")
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            with open(id_path, "w") as f:
+                f.write(run_id)
+        self.run = wandb.init(
+            project=project,
+            name=name or os.path.basename(os.path.abspath(workdir)),
+            id=run_id,
+            resume="allow",
+            dir=workdir,
+            config=config,
+        )
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.run.log({k: float(v) for k, v in metrics.items() if k != "step"}, step=int(step))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+class MultiWriter:
+    """Fans write/close out to several writers."""
+
+    def __init__(self, writers):
+        self.writers = list(writers)
+
+    def write(self, step: int, metrics: dict) -> None:
+        for writer in self.writers:
+            writer.write(step, metrics)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+def open_writers(
+    workdir: str,
+    *,
+    tensorboard: bool = True,
+    wandb: bool = False,
+    wandb_project: str = "dpo_jax",
+    config: dict | None = None,
+    purge_step: int | None = None,
+) -> MultiWriter:
+    """The sinks a run asked for. W&B is skipped, with a warning, when it is not installed."""
+    writers = []
+    if tensorboard:
+        if _installed("tensorboardX"):
+            writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard"), purge_step))
+        else:
+            warnings.warn(
+                "tensorboardX is not installed (pip install tensorboardX); no TensorBoard "
+                "event files, metrics.jsonl only",
+                stacklevel=2,
+            )
+    if wandb:
+        if _installed("wandb"):
+            writers.append(WandbWriter(workdir, project=wandb_project, config=config))
+        else:
+            warnings.warn(
+                "config logging.wandb=True but wandb is not installed (pip install wandb); "
+                "logging to metrics.jsonl and TensorBoard only",
+                stacklevel=2,
+            )
+    return MultiWriter(writers)
+
+
+def export_tensorboard(workdir: str) -> str:
+    """Rewrites DIR/tensorboard from DIR/metrics.jsonl (e.g. for a run logged without it)."""
+    from dpo_jax.report import read_jsonl
+
+    logdir = os.path.join(workdir, "tensorboard")
+    shutil.rmtree(logdir, ignore_errors=True)
+    writer = TensorBoardWriter(logdir)
+    for row in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        if "step" in row:
+            writer.write(row["step"], {k: v for k, v in row.items() if isinstance(v, (int, float))})
+    writer.close()
+    return logdir
+
+
+def read_scalars(logdir: str) -> list[tuple[str, int, str, float]]:
+    """(run, step, tag, value) of every scalar in the event files under `logdir` (for tests and
+    quick looks without TensorBoard installed)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for root, _, files in sorted(os.walk(logdir)):
+        for name in sorted(files):
+            if not name.startswith("events."):
+                continue
+            with open(os.path.join(root, name), "rb") as f:
+                buffer = f.read()
+            offset = 0
+            # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+            while offset + 12 <= len(buffer):
+                (length,) = struct.unpack_from("<Q", buffer, offset)
+                payload = buffer[offset + 12 : offset + 12 + length]
+                offset += 12 + length + 4
+                event = event_pb2.Event.FromString(payload)
+                for value in event.summary.value:
+                    run = os.path.relpath(root, logdir)
+                    found.append((run, int(event.step), value.tag, float(value.simple_value)))
+    return found
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_jax.metrics_log",
+        description="Write DIR/tensorboard event files from DIR/metrics.jsonl.",
+    )
+    parser.add_argument("workdir")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
+        raise SystemExit(f"error: {args.workdir}/metrics.jsonl not found")
+    print(f"wrote {export_tensorboard(args.workdir)} (tensorboard --logdir {args.workdir})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

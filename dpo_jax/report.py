@@ -1,0 +1,365 @@
+"""A training run's report: DIR/report.html (self-contained) and DIR/plots/*.png.
+
+    python -m dpo_jax.report runs/tiny
+
+Reads DIR/metrics.jsonl (train rows and eval/ rows), DIR/samples.jsonl (policy next to
+reference replies, when present), DIR/eval_<step>.json (from dpo_jax.evaluate, when present)
+and DIR/config.json. Train and eval series of a metric share one plot; an eval set other
+than the default one logs as eval/<set>/<metric> and gets its own line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import glob
+import html
+import io
+import json
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# (file stem, title, metrics drawn together, y-axis scale: linear | log | fraction (0..1))
+PLOTS = (
+    ("loss", "Loss", ("loss",), "linear"),
+    ("accuracy", "Reward accuracy (chosen reward > rejected)", ("rewards/accuracies",), "fraction"),
+    ("margins", "Reward margin (chosen − rejected)", ("rewards/margins",), "linear"),
+    ("rewards", "Rewards β·log π/π_ref", ("rewards/chosen", "rewards/rejected"), "linear"),
+    ("logps", "Policy log-probs of the completions", ("logps/chosen", "logps/rejected"), "linear"),
+    ("learning_rate", "Learning rate", ("learning_rate",), "linear"),
+    ("grad_norm", "Gradient norm (before clipping)", ("grad_norm",), "linear"),
+    ("tokens_per_sec", "Throughput (tokens/s)", ("tokens_per_sec",), "log"),
+)
+SAMPLE_RATES = "eval/samples/"
+MAX_SAMPLE_ROWS = 50  # of the last sampled step, in the HTML table
+SUMMARY_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (a run killed mid-write) is skipped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def series(rows: list[dict], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{label: (steps, values)} of `metric`: "train" for the bare key, "eval" for eval/<metric>,
+    "eval/<set>" for eval/<set>/<metric>."""
+    found: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        if "step" not in row:
+            continue
+        for key, value in row.items():
+            if key == metric:
+                label = "train"
+            elif key.startswith("eval/") and key.endswith("/" + metric):
+                middle = key[len("eval/") : -len(metric) - 1]
+                if middle.startswith("samples"):
+                    continue
+                label = "eval" if not middle else f"eval/{middle}"
+            else:
+                continue
+            if not isinstance(value, (int, float)) or value != value:  # NaN: a gap
+                continue
+            steps, values = found.setdefault(label, ([], []))
+            steps.append(int(row["step"]))
+            values.append(float(value))
+    return found
+
+
+def sample_rate_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    found: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(SAMPLE_RATES) and isinstance(value, (int, float)):
+                steps, values = found.setdefault(key[len(SAMPLE_RATES) :], ([], []))
+                steps.append(int(row["step"]))
+                values.append(float(value))
+    return found
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+SPLIT_COLORS = {"train": "tab:blue", "eval": "tab:orange"}  # other eval sets: the cycle
+SIDE_COLORS = {"chosen": "tab:green", "rejected": "tab:red"}
+EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def plot(
+    title: str,
+    lines: dict[str, tuple[list[int], list[float]]],
+    scale: str = "linear",
+    colors: dict[str, str] | None = None,
+) -> bytes:
+    """PNG bytes of one figure: one line per label; train solid, eval dashed with markers."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    # train first, then eval, then other eval sets; the legend reads in that order
+    order = sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
+    for i, label in enumerate(order):
+        steps, values = lines[label]
+        is_eval = label.startswith("eval")
+        ax.plot(
+            steps,
+            values,
+            label=label,
+            color=(colors or {}).get(label, EXTRA_COLORS[i % len(EXTRA_COLORS)]),
+            # a sparse series (one eval, one sampled step) must still show as points
+            marker="o" if is_eval or len(steps) <= 12 else None,
+            markersize=4,
+            linewidth=1.8 if is_eval else 1.4,
+            linestyle="--" if is_eval else "-",
+        )
+    if scale == "log" and all(v > 0 for _, values in lines.values() for v in values):
+        ax.set_yscale("log")
+    elif scale == "fraction":
+        ax.set_ylim(-0.03, 1.03)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def make_plots(rows: list[dict]) -> list[tuple[str, str, bytes]]:
+    """[(file stem, title, PNG)] of every plot that has data."""
+    figures = []
+    for stem, title, metrics, scale in PLOTS:
+        lines, colors = {}, {}
+        for metric in metrics:
+            side = metric.split("/")[-1]
+            for label, data in series(rows, metric).items():
+                # Two metrics on one axis: "train chosen", "eval rejected", ...
+                name = label if len(metrics) == 1 else f"{label} {side}"
+                lines[name] = data
+                color = SIDE_COLORS.get(side) if len(metrics) > 1 else SPLIT_COLORS.get(label)
+                if color and (label in SPLIT_COLORS):
+                    colors[name] = color
+        if lines:
+            figures.append((stem, title, plot(title, lines, scale, colors)))
+    if rates := sample_rate_series(rows):
+        title = "Sampled replies with the preferred property"
+        colors = {k: "tab:green" if "policy" in k else "tab:gray" for k in rates}
+        figures.append(("samples_preferred_rate", title, plot(title, rates, "fraction", colors)))
+    return figures
+
+
+# ------------------------------------------------------------------------------ HTML
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def table(header: list[str], body: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def summary_section(rows: list[dict]) -> str:
+    """The last train row and the last eval row, side by side."""
+    last_train = next((r for r in reversed(rows) if "loss" in r), None)
+    last_eval = next((r for r in reversed(rows) if "eval/loss" in r), None)
+    if last_train is None and last_eval is None:
+        return "<p>No metrics yet.</p>"
+    header = ["metric"]
+    if last_train:
+        header.append(f"train (step {last_train['step']})")
+    if last_eval:
+        header.append(f"eval (step {last_eval['step']})")
+    body = []
+    for metric in SUMMARY_METRICS:
+        row = [metric]
+        if last_train:
+            row.append(last_train.get(metric, "—"))
+        if last_eval:
+            row.append(last_eval.get(f"eval/{metric}", "—"))
+        body.append(row)
+    return table(header, body)
+
+
+def sample_rates_section(rows: list[dict]) -> str:
+    rates = [r for r in rows if any(k.startswith(SAMPLE_RATES) for k in r)]
+    if not rates:
+        return ""
+    keys = sorted({k for r in rates for k in r if k.startswith(SAMPLE_RATES)})
+    body = [[r["step"]] + [r.get(k, "—") for k in keys] for r in rates]
+    header = ["step"] + [k[len(SAMPLE_RATES) :] for k in keys]
+    return "<h2>Preferred property of sampled replies</h2>" + table(header, body)
+
+
+SIDES = ("reference", "policy")
+
+
+def samples_section(samples: list[dict]) -> str:
+    if not samples:
+        return ""
+    steps = sorted({s.get("step", 0) for s in samples})
+    parts = ["<h2>Samples</h2>"]
+    # Per step: how often each side's reply has the preferred property (when checked).
+    checked = [s for s in samples if "policy_preferred" in s or "reference_preferred" in s]
+    if checked:
+        body = []
+        for step in steps:
+            at = [s for s in checked if s.get("step", 0) == step]
+            if not at:
+                continue
+            rates = [sum(bool(s.get(f"{side}_preferred")) for s in at) / len(at) for side in SIDES]
+            body.append([step, len(at), *rates])
+        parts.append(table(["step", "prompts", "reference preferred", "policy preferred"], body))
+    last = [s for s in samples if s.get("step", 0) == steps[-1]]
+    shown = last[:MAX_SAMPLE_ROWS]
+    total = f" (all steps: {len(samples)} rows in samples.jsonl)" if len(steps) > 1 else ""
+    parts.append(f"<p>Step {steps[-1]}: {len(shown)} of {len(last)} prompts{total}.</p>")
+    body = [
+        [
+            s.get("prompt", ""),
+            s.get("reference", ""),
+            s.get("reference_preferred", "—"),
+            s.get("policy", ""),
+            s.get("policy_preferred", "—"),
+        ]
+        for s in shown
+    ]
+    parts.append(table(["prompt", "reference", "pref.", "policy", "pref."], body, cls="samples"))
+    return "".join(parts)
+
+
+def evaluations_section(workdir: str) -> str:
+    """Tables of DIR/eval_<step>.json files written by dpo_jax.evaluate."""
+    found = []
+    for path in glob.glob(os.path.join(workdir, "eval_*.json")):
+        if re.fullmatch(r"eval_\d+\.json", os.path.basename(path)):
+            try:
+                with open(path) as f:
+                    found.append(json.load(f))
+            except (OSError, json.JSONDecodeError):
+                continue
+    if not found:
+        return ""
+    parts = ["<h2>Evaluations (dpo_jax.evaluate)</h2>"]
+    metrics = (*SUMMARY_METRICS, "logratio/chosen", "logratio/rejected")
+    for result in sorted(found, key=lambda r: r.get("step", 0)):
+        sets = result.get("sets", {})
+        header = ["metric"] + [f"{name} ({s.get('pairs', '?')} pairs)" for name, s in sets.items()]
+        body = [[m] + [s.get("metrics", {}).get(m, "—") for s in sets.values()] for m in metrics]
+        parts.append(f"<h3>step {result.get('step', '?')}</h3>" + table(header, body))
+    return "".join(parts)
+
+
+def config_section(workdir: str) -> str:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    return "<details><summary>config.json</summary><pre>" + html.escape(text) + "</pre></details>"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1350px; color: #222; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(620px, 1fr)); gap: 1em; }
+figure { margin: 0; } figure img { width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } table.samples td { max-width: 28em; white-space: pre-wrap; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def render_html(workdir: str, rows: list[dict], samples: list[dict], figures) -> str:
+    title = f"DPO run report — {os.path.basename(os.path.abspath(workdir))}"
+    images = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode("ascii")}"><figcaption>{html.escape(caption)}'
+        f" (plots/{html.escape(name)}.png)</figcaption></figure>"
+        for name, caption, png in figures
+    )
+    generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
+        f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>{html.escape(os.path.abspath(workdir))} · generated {generated} · "
+        f"{sum('loss' in r for r in rows)} train rows, {sum('eval/loss' in r for r in rows)} "
+        "eval rows in metrics.jsonl</p>"
+        f"<h2>Summary</h2>{summary_section(rows)}"
+        f"{sample_rates_section(rows)}"
+        f'<h2>Curves</h2><div class="plots">{images or "<p>No metrics to plot.</p>"}</div>'
+        f"{evaluations_section(workdir)}{samples_section(samples)}{config_section(workdir)}"
+        "</body></html>"
+    )
+
+
+def write_report(workdir: str) -> str:
+    """Writes DIR/plots/*.png and DIR/report.html from the run's files; returns the HTML path."""
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    samples = read_jsonl(os.path.join(workdir, "samples.jsonl"))
+    figures = make_plots(rows)
+    plots_dir = os.path.join(workdir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    for name, _, png in figures:
+        with open(os.path.join(plots_dir, f"{name}.png"), "wb") as f:
+            f.write(png)
+    path = os.path.join(workdir, "report.html")
+    # Write then rename: a browser never sees half a report.
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(render_html(workdir, rows, samples, figures))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_jax.report", description="Write DIR/report.html and DIR/plots/."
+    )
+    parser.add_argument("workdir", help="training run directory (holds metrics.jsonl)")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.workdir, "metrics.jsonl")):
+        raise SystemExit(f"error: {args.workdir}/metrics.jsonl not found; not a training workdir?")
+    print(f"wrote {write_report(args.workdir)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

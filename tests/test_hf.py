@@ -1,0 +1,339 @@
+"""dpo_jax.hf: every supported family loads from a transformers checkpoint and matches its
+logits (padded and packed), exports back to a folder transformers loads, round-trips
+bit-exactly, and loads / exports the same on an 8-device fsdp mesh as on one device."""
+
+import dataclasses
+import filecmp
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import serialization, traverse_util
+
+from dpo_jax import embedded, hf, model, sharding
+
+V, D, F, L, N, K = 97, 64, 128, 2, 4, 2
+FAMILIES = ["llama", "llama3_2", "mistral", "qwen2", "qwen3", "gemma2"]
+# Small windows and caps so that each one changes the numbers at these lengths.
+WINDOW, ATTN_CAP, FINAL_CAP = 4, 2.0, 3.0
+
+forward = jax.jit(model.forward, static_argnums=0)
+
+
+def hf_model(family: str):
+    """A tiny random transformers model of `family` whose every parameter matters."""
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=F,
+        num_hidden_layers=L,
+        num_attention_heads=N,
+        num_key_value_heads=K,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        initializer_range=0.2,  # large enough that attention is far from uniform
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    T = transformers
+    if family == "llama":
+        config = T.LlamaConfig(**common)
+    elif family == "llama3_2":  # tied embeddings + llama3 rope scaling, as Llama 3.2 1B
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0)
+        rope |= dict(high_freq_factor=4.0, original_max_position_embeddings=64)
+        config = T.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=rope)
+    elif family == "mistral":
+        config = T.MistralConfig(**common, sliding_window=WINDOW)
+    elif family == "qwen2":  # q/k/v biases; the sliding window on layers >= max_window_layers
+        config = T.Qwen2Config(
+            **common,
+            rope_parameters=dict(rope_theta=1e6),
+            use_sliding_window=True,
+            sliding_window=3,
+            max_window_layers=1,
+        )
+    elif family == "qwen3":
+        config = T.Qwen3Config(**common, head_dim=24)  # != D // N on purpose
+    elif family == "gemma2":  # 3 layers: sliding, full, sliding
+        config = T.Gemma2Config(
+            **common | dict(num_hidden_layers=3),
+            head_dim=16,
+            query_pre_attn_scalar=20,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=ATTN_CAP,
+            final_logit_softcapping=FINAL_CAP,
+        )
+    else:
+        raise ValueError(family)
+    hf_model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # HF initialises norms to 1 (Gemma: 0) and biases to 0
+        for name, p in hf_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+    return hf_model
+
+
+def torch_logits(hf_model, tokens, mask=None) -> np.ndarray:
+    with torch.no_grad():
+        mask = None if mask is None else torch.tensor(np.asarray(mask, np.int64))
+        return hf_model(input_ids=torch.tensor(tokens), attention_mask=mask).logits.numpy()
+
+
+def ours(config, params, tokens, positions, segments) -> np.ndarray:
+    return np.asarray(forward(config, params, tokens, positions, segments))
+
+
+def assert_same_params(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family → (transformers model, folder it was saved to with save_pretrained)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for family in FAMILIES:
+        m = hf_model(family)
+        m.save_pretrained(root / family)
+        out[family] = (m, str(root / family))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_transformers_and_round_trips(family, saved, tmp_path):
+    torch_model, folder = saved[family]
+    config, params = hf.load_pretrained(folder)
+    assert config.architecture == type(torch_model).__name__
+    assert model.num_params(config) == sum(p.numel() for p in torch_model.parameters())
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init_params(config, jax.random.key(0))))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), shapes
+    )
+
+    # Right-padded batch with an attention mask.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, V, size=(2, 12))
+    mask = np.arange(12)[None, :] < np.array([[12], [7]])
+    positions = np.broadcast_to(np.arange(12), (2, 12))
+    expected = torch_logits(torch_model, tokens, mask)
+    got = ours(config, params, tokens, positions, mask.astype(np.int32))
+    assert np.abs(expected).max() > 0.5  # a non-trivial comparison
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-4, rtol=0)
+
+    # Packed rows: several sequences per row against each run alone by transformers.
+    lengths = [[5, 4, 3], [7, 3]]  # row 2 ends with 2 padding tokens
+    packed_tokens = np.zeros((2, 12), np.int64)
+    packed_positions = np.zeros((2, 12), np.int64)
+    segments = np.zeros((2, 12), np.int32)
+    sequences = []
+    for r, row in enumerate(lengths):
+        start = 0
+        for s, n in enumerate(row):
+            seq = rng.integers(3, V, size=n)
+            packed_tokens[r, start : start + n] = seq
+            packed_positions[r, start : start + n] = np.arange(n)
+            segments[r, start : start + n] = s + 1
+            sequences.append((r, start, seq))
+            start += n
+    got = ours(config, params, packed_tokens, packed_positions, segments)
+    for r, start, seq in sequences:
+        alone = torch_logits(torch_model, seq[None])[0]
+        np.testing.assert_allclose(got[r, start : start + len(seq)], alone, atol=1e-4, rtol=0)
+
+    # Export (sharded into several files) → transformers loads it and gives the same logits.
+    out = tmp_path / "out"
+    base = hf.read_hf_config(folder)  # keeps the token ids
+    hf.save_pretrained(str(out), config, params, max_shard_size="20KB", base_config=base)
+    assert (out / "model.safetensors.index.json").exists()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), attn_implementation="eager"
+    ).eval()
+    assert type(exported) is type(torch_model)
+    np.testing.assert_allclose(
+        torch_logits(exported, tokens, mask)[mask], expected[mask], atol=1e-6, rtol=0
+    )
+    # load → export → load is bit-exact.
+    config2, params2 = hf.load_pretrained(str(out))
+    assert config2 == config
+    assert_same_params(params2, params)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def test_flax_msgpack_and_hf_sharded_safetensors_load_the_same_params(saved, tmp_path):
+    torch_model, folder = saved["llama"]
+    config, params = hf.load_pretrained(folder)
+    sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+
+    # The layout transformers 4.x FlaxLlamaForCausalLM.save_pretrained writes: Dense kernels
+    # [in, out], norms' "weight", embed_tokens/embedding, layers keyed by index.
+    def flax_leaf(name, value):
+        if name.endswith("embed_tokens.weight"):
+            return name.replace(".weight", ".embedding"), value
+        if "norm" in name:
+            return name, value
+        return name.replace(".weight", ".kernel"), value.T
+
+    flat = dict(flax_leaf(name, value) for name, value in sd.items())
+    tree = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in flat.items()})
+    assert tree["model"]["layers"]["1"]["self_attn"]["q_proj"]["kernel"].shape == (D, N * D // N)
+    flax_dir = tmp_path / "flax"
+    flax_dir.mkdir()
+    shutil.copy(os.path.join(folder, "config.json"), flax_dir)
+    (flax_dir / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
+    config_flax, params_flax = hf.load_pretrained(str(flax_dir))
+    assert config_flax == config
+    assert_same_params(params_flax, params)
+
+    # transformers' own sharded safetensors (model.safetensors.index.json), in bfloat16.
+    sharded_dir = tmp_path / "sharded"
+    torch_model.save_pretrained(sharded_dir, max_shard_size="30KB")
+    assert len(list(sharded_dir.glob("*.safetensors"))) > 2
+    config_sharded, params_sharded = hf.load_pretrained(str(sharded_dir))
+    assert_same_params(params_sharded, params)
+    config_bf16, params_bf16 = hf.load_pretrained(str(sharded_dir), dtype=jnp.bfloat16)
+    assert config_bf16.param_dtype == config_bf16.dtype == "bfloat16"
+    expected = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert_same_params(params_bf16, expected)
+
+
+def test_8_device_fsdp_mesh_loads_and_exports_like_one_device(saved, tmp_path):
+    _, folder = saved["gemma2"]
+    config, params = hf.load_pretrained(folder)
+    mesh = sharding.make_mesh(1, 8, 1)
+    assert mesh.devices.size == 8
+    shardings = nn.logical_to_mesh_sharding(
+        model.logical_axes(config), mesh, sharding.DEFAULT_RULES
+    )
+    _, sharded = hf.load_pretrained(folder, shardings=shardings)
+    assert_same_params(sharded, params)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
+                 sharded, shardings)  # fmt: skip
+    q_kernel = sharded["layers"]["attn"]["q_proj"]["kernel"]
+    assert q_kernel.addressable_shards[0].data.shape == (3, D // 8, N, 16)  # [L, D/8, N, H]
+
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    hf.save_pretrained(str(one), config, params, max_shard_size="40KB")
+    hf.save_pretrained(str(eight), config, sharded, max_shard_size="40KB")
+    files = sorted(os.listdir(one))
+    assert files == sorted(os.listdir(eight)) and len(files) > 3
+    _, mismatch, errors = filecmp.cmpfiles(one, eight, files, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_errors_name_the_problem(saved, tmp_path):
+    _, folder = saved["llama"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((open(os.path.join(folder, "config.json"))).read())
+    (bad / "config.json").write_text(json.dumps(config | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(hf.HFError, match="GPT2LMHeadModel.*supported.*Gemma2ForCausalLM"):
+        hf.load_pretrained(str(bad))
+
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(hf.HFError, match="never unpickled.*safe_serialization=True"):
+        hf.load_pretrained(str(bad))
+
+    (bad / "config.json").write_text(json.dumps(config | {"intermediate_size": F + 1}))
+    shutil.copy(os.path.join(folder, "model.safetensors"), bad)
+    with pytest.raises(hf.HFError, match=r"gate_proj.weight has shape \[128, 64\]; config.json implies \[129, 64\]"):
+        hf.load_pretrained(str(bad))
+
+    (bad / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    with pytest.raises(hf.HFError, match="model.layers.2.* missing"):
+        hf.load_pretrained(str(bad))
+
+    (bad / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    with pytest.raises(hf.HFError, match="does not use.*model.layers.1"):
+        hf.load_pretrained(str(bad))
+
+    with pytest.raises(hf.HFError, match="HF_HUB_OFFLINE.*huggingface-cli download"):
+        hf.load_pretrained("dpo-jax-tests/no-such-model")
+
+
+def test_model_config_from_real_configs():
+    """config.json fields of the real checkpoints (as published) map as transformers reads them."""
+    gemma = hf.model_config_from_hf(
+        {
+            "architectures": ["Gemma2ForCausalLM"],
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "vocab_size": 256000,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+        }
+    )
+    assert gemma.tie_word_embeddings and gemma.rms_norm_unit_offset and gemma.post_norms
+    assert gemma.layer_windows[:3] == (4096, 0, 4096) and gemma.final_logit_softcap == 30.0
+    assert model.num_params(gemma) == 2_614_341_888  # google/gemma-2-2b
+    qwen25 = hf.model_config_from_hf(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "rope_theta": 1000000.0,
+            "sliding_window": 32768,
+            "use_sliding_window": False,
+            "max_window_layers": 21,
+            "tie_word_embeddings": True,
+        }
+    )
+    assert qwen25.sliding_window is None and qwen25.attention_bias
+    assert model.num_params(qwen25) == 494_032_768  # Qwen/Qwen2.5-0.5B
+    mistral = hf.model_config_from_hf(
+        {
+            "architectures": ["MistralForCausalLM"],
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32000,
+            "sliding_window": 4096,
+        }
+    )
+    assert mistral.layer_windows == (4096,) * 32
+    flops = model.flops_per_token(mistral, 8192, backward=False)
+    assert flops < model.flops_per_token(dataclasses.replace(mistral, sliding_window=None), 8192)
+
+
+def test_export_folder_has_tokenizer_and_config_keys(tmp_path):
+    """save_pretrained with a tokenizer folder: its files are copied, token ids kept."""
+    config = hf.read_model_config(embedded.TINY_MODEL_DIR)
+    params = nn.meta.unbox(jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0)))
+    base = hf.read_hf_config(embedded.TINY_MODEL_DIR)
+    out = tmp_path / "out"
+    hf.save_pretrained(
+        str(out), config, params, embedded.TINY_MODEL_DIR, base_config=base, dtype="bfloat16"
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.pad_token_id == base["pad_token_id"]
+    written = json.loads((out / "config.json").read_text())
+    assert written["torch_dtype"] == "bfloat16" and written["eos_token_id"] == base["eos_token_id"]
+    _, loaded = hf.load_pretrained(str(out), dtype="bfloat16")
+    assert_same_params(loaded, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))

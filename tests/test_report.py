@@ -1,0 +1,185 @@
+"""report.html / plots from a run's files, and the TensorBoard / W&B metric writers."""
+
+import base64
+import json
+import math
+import os
+import re
+import sys
+import types
+
+import pytest
+
+from dpo_jax import metrics_log, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def train_row(step):
+    loss = math.log(2) * math.exp(-step / 10)
+    return {
+        "step": step,
+        "loss": loss,
+        "rewards/accuracies": min(1.0, 0.5 + step / 40),
+        "rewards/margins": step / 20,
+        "rewards/chosen": step / 40,
+        "rewards/rejected": -step / 40,
+        "logps/chosen": -50 + step / 4,
+        "logps/rejected": -55 - step / 4,
+        "learning_rate": 1e-3 * min(1.0, (step + 1) / 5),
+        "grad_norm": 1.0,
+        "tokens_per_sec": 1000.0 + step,
+    }
+
+
+def eval_row(step, prefix="eval/"):
+    row = train_row(step)
+    return {"step": step} | {
+        f"{prefix}{k}": v for k, v in row.items() if k not in ("step", "learning_rate")
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    rows = [train_row(s) for s in range(21)] + [eval_row(10), eval_row(20)]
+    rows.append(eval_row(20, prefix="eval/heldout/"))
+    rows.append(
+        {
+            "step": 20,
+            "eval/samples/reference_preferred_rate": 0.5,
+            "eval/samples/policy_preferred_rate": 0.95,
+        }
+    )
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 21, "loss": 0.')  # torn by a kill mid-write
+    samples = [
+        {
+            "step": step,
+            "prompt": f"Prompt {i} <b>&",
+            "reference": f"Ugh, fine. Answer {i}.",
+            "policy": f"Sure! Answer {i}. Hope this helps!",
+            "reference_preferred": False,
+            "policy_preferred": i != 0,
+        }
+        for step in (10, 20)
+        for i in range(3)
+    ]
+    with open(tmp_path / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    (tmp_path / "config.json").write_text('{"training": {"beta": 0.1}}')
+    return tmp_path
+
+
+def test_report_is_self_contained_with_every_plot(workdir):
+    path = report.write_report(str(workdir))
+    assert path == os.path.join(str(workdir), "report.html")
+    text = open(path, encoding="utf-8").read()
+    expected = {
+        "loss",
+        "accuracy",
+        "margins",
+        "rewards",
+        "logps",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_sec",
+        "samples_preferred_rate",
+    }
+    assert {f[: -len(".png")] for f in os.listdir(workdir / "plots")} == expected
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(embedded) == len(expected)
+    for name in expected:
+        png = (workdir / "plots" / f"{name}.png").read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 5000
+        assert base64.b64encode(png).decode() in embedded
+    assert 'src="http' not in text and "<script" not in text  # nothing fetched
+    # samples of the last step, escaped; per-step preferred rates; eval/samples rates
+    assert "Prompt 2 &lt;b&gt;&amp;" in text and "<b>&" not in text
+    assert "Step 20: 3 of 3 prompts" in text
+    assert "policy_preferred_rate" in text and "0.95" in text
+    assert "config.json" in text
+
+
+def test_series_labels_train_eval_and_named_eval_sets(workdir):
+    rows = report.read_jsonl(str(workdir / "metrics.jsonl"))
+    assert rows[-1]["step"] == 20  # the torn line is skipped
+    found = report.series(rows, "rewards/chosen")
+    assert sorted(found) == ["eval", "eval/heldout", "train"]
+    assert found["eval"] == ([10, 20], [0.25, 0.5])
+    assert len(found["train"][0]) == 21
+    assert "eval/samples" not in report.series(rows, "policy_preferred_rate")
+
+
+def test_report_of_an_empty_run_and_cli(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    report.main([str(tmp_path)])
+    assert "wrote" in capsys.readouterr().out
+    assert "No metrics" in (tmp_path / "report.html").read_text()
+    with pytest.raises(SystemExit, match="metrics.jsonl not found"):
+        report.main([str(tmp_path / "missing")])
+
+
+def test_tensorboard_train_and_eval_runs_share_tags(tmp_path):
+    writer = metrics_log.open_writers(str(tmp_path))
+    writer.write(0, {"loss": 0.69, "rewards/margins": 0.0})
+    writer.write(1, {"loss": 0.5})
+    writer.write(1, {"eval/loss": 0.6, "eval/samples/policy_preferred_rate": 0.9})
+    writer.close()
+    scalars = metrics_log.read_scalars(str(tmp_path / "tensorboard"))
+    got = {(run, step, tag): round(v, 4) for run, step, tag, v in scalars}
+    assert got == {
+        ("train", 0, "loss"): 0.69,
+        ("train", 0, "rewards/margins"): 0.0,
+        ("train", 1, "loss"): 0.5,
+        ("eval", 1, "loss"): 0.6,
+        ("eval", 1, "samples/policy_preferred_rate"): 0.9,
+    }
+
+
+def test_tensorboard_export_from_metrics_jsonl(workdir):
+    metrics_log.main([str(workdir)])
+    scalars = metrics_log.read_scalars(str(workdir / "tensorboard"))
+    train_loss = [s for s in scalars if s[0] == "train" and s[2] == "loss"]
+    eval_loss = [s for s in scalars if s[0] == "eval" and s[2] == "loss"]
+    assert len(train_loss) == 21 and [s[1] for s in eval_loss] == [10, 20]
+
+
+@pytest.mark.parametrize("missing", ["wandb", "tensorboardX"])
+def test_a_missing_writer_package_is_a_warning(tmp_path, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import → ImportError
+    with pytest.warns(UserWarning, match=f"{missing} is not installed"):
+        writer = metrics_log.open_writers(
+            str(tmp_path), tensorboard=missing == "tensorboardX", wandb=missing == "wandb"
+        )
+    assert writer.writers == []
+    writer.write(0, {"loss": 1.0})
+    writer.close()
+
+
+def test_wandb_when_installed_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append(("log", step, metrics))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    fake = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "r1"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for _ in range(2):  # a run, then its resumption
+        writer = metrics_log.open_writers(
+            str(tmp_path), tensorboard=False, wandb=True, config={"a": 1}
+        )
+        writer.write(3, {"loss": 0.5, "eval/loss": 0.6})
+        writer.close()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert [i["id"] for i in inits] == ["r1", "r1"] and inits[0]["resume"] == "allow"
+    assert inits[0]["config"] == {"a": 1} and inits[0]["dir"] == str(tmp_path)
+    assert ("log", 3, {"loss": 0.5, "eval/loss": 0.6}) in calls
