@@ -113,6 +113,15 @@ def evaluate(
     sharding.check_batch_rows(2 * batch_size, mesh, "eval batch size")
     eval_sets = parse_eval_sets(config, data_files)
 
+    # --- the eval sets first: bad data fails before any model work
+    from transformers import AutoTokenizer  # heavy import, only where needed
+
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eval_pairs = {
+        name: data.load_pairs(path, tokenizer, data_config)[0] for name, path in eval_sets.items()
+    }
+
     # --- which checkpoint
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     try:
@@ -138,16 +147,12 @@ def evaluate(
     del state
 
     # --- every eval set
-    from transformers import AutoTokenizer  # heavy import, only where needed
-
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eval_fn = jax.jit(
         functools.partial(eval_sums, model_config=model_config, loss_config=loss_config)
     )
+
     result = {"step": int(step), "workdir": os.path.abspath(workdir), "sets": {}}
-    for name, path in eval_sets.items():
-        pairs, _ = data.load_pairs(path, tokenizer, data_config)
+    for name, pairs in eval_pairs.items():
         metrics = train.run_eval(
             eval_fn,
             params,
@@ -164,7 +169,7 @@ def evaluate(
         for side in ("chosen", "rejected"):
             metrics[f"logratio/{side}"] = metrics[f"rewards/{side}"] / loss_config.beta
         result["sets"][name] = {
-            "file": os.path.abspath(path),
+            "file": os.path.abspath(eval_sets[name]),
             "pairs": len(pairs),
             "metrics": metrics,
         }

@@ -88,11 +88,15 @@ def _windows_from_hf(hf: dict, model_type: str, num_layers: int):
         return hf.get("sliding_window"), None
     if model_type == "gemma2":
         window = hf.get("sliding_window", 4096)
-        default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+        default = [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)
+        ]
     else:  # qwen2 / qwen3: only with use_sliding_window, from layer max_window_layers on
         window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
         first = int(hf.get("max_window_layers", 28))
-        default = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        default = [
+            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+        ]
     if window is None:
         return None, None
     return int(window), tuple(hf.get("layer_types") or default)
@@ -119,7 +123,9 @@ def model_config_from_hf(hf: dict, *, where: str = "config.json", **runtime) -> 
     act_name = (hf.get("hidden_activation") if gemma else None) or hf.get("hidden_act")
     act_name = act_name or ("gelu_pytorch_tanh" if gemma else "silu")
     if act_name not in _ACTIVATIONS:
-        raise HFError(f"{where}: hidden activation {act_name!r} not supported: {list(_ACTIVATIONS)}")
+        raise HFError(
+            f"{where}: hidden activation {act_name!r} not supported: {list(_ACTIVATIONS)}"
+        )
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers 5 keeps it under rope_parameters
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -129,7 +135,7 @@ def model_config_from_hf(hf: dict, *, where: str = "config.json", **runtime) -> 
     head_dim = hf.get("head_dim") or {"gemma2": 256, "qwen3": 128}.get(model_type)
     if head_dim == int(hf["hidden_size"]) // num_heads:
         head_dim = None  # the default; keeps exported-and-reloaded configs equal
-    gemma_only = lambda key, default: (hf.get(key, default) if gemma else None)  # noqa: E731
+    gemma_only = lambda key, default: hf.get(key, default) if gemma else None  # noqa: E731
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=int(hf["hidden_size"]),
@@ -292,7 +298,11 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     """Every HF tensor of `config`'s family, in the order they are exported."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     n, k, h = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    maps = [TensorMap(("embed", "embedding"), "model.embed_tokens.weight", (v, d), (1, 1), (0, 1), False)]
+    maps = [
+        TensorMap(
+            ("embed", "embedding"), "model.embed_tokens.weight", (v, d), (1, 1), (0, 1), False
+        )
+    ]
 
     def layer(path, hf, split, groups, perm):
         maps.append(TensorMap(path, f"model.layers.{{i}}.{hf}", split, groups, perm, True))
@@ -312,7 +322,9 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
         layer((ours, "scale"), f"{hf}.weight", (d,), (1,), (0,))
     for name, heads in [("q_proj", n), ("k_proj", k), ("v_proj", k)]:
         # [heads*H, D] -> [heads, H, D] -> [D, heads, H]
-        layer(("attn", name, "kernel"), f"self_attn.{name}.weight", (heads, h, d), (2, 1), (2, 0, 1))
+        layer(
+            ("attn", name, "kernel"), f"self_attn.{name}.weight", (heads, h, d), (2, 1), (2, 0, 1)
+        )
         if config.attention_bias:
             layer(("attn", name, "bias"), f"self_attn.{name}.bias", (heads, h), (2,), (0, 1))
     # [D, N*H] -> [D, N, H] -> [N, H, D]
@@ -325,7 +337,9 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     layer(("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", (d, f), (1, 1), (1, 0))
     maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", (d,), (1,), (0,), False))
     if not config.tie_word_embeddings:
-        maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", (v, d), (1, 1), (1, 0), False))
+        maps.append(
+            TensorMap(("lm_head", "kernel"), "lm_head.weight", (v, d), (1, 1), (1, 0), False)
+        )
     return maps
 
 
@@ -425,11 +439,13 @@ def _open_weights(folder: str):
             return _FlaxMsgpack(folder, sorted(set(json.load(f)["weight_map"].values())))
     if "flax_model.msgpack" in files:
         return _FlaxMsgpack(folder, ["flax_model.msgpack"])
-    if any(f.startswith("pytorch_model") and f.endswith((".bin", ".bin.index.json")) for f in files):
+    if any(
+        f.startswith("pytorch_model") and f.endswith((".bin", ".bin.index.json")) for f in files
+    ):
         raise HFError(
             f"{folder} holds only PyTorch pickles (pytorch_model*.bin), which are never "
             "unpickled here (a pickle can run code). Convert them once, where you trust the "
-            "file: python -c \"from transformers import AutoModelForCausalLM as M, "
+            'file: python -c "from transformers import AutoModelForCausalLM as M, '
             f"AutoTokenizer as T; p='{folder}'; M.from_pretrained(p).save_pretrained("
             "'converted', safe_serialization=True); T.from_pretrained(p).save_pretrained("
             "'converted')\" and point model.name at ./converted"
@@ -489,22 +505,33 @@ def _load_leaf(source, m: TensorMap, targets, dtype, sharding):
     return jax.make_array_from_callback(shape, sharding, callback)
 
 
-def load_params(path: str, config: ModelConfig, shardings=None, dtype=None):
-    """The weights of HF folder `path` as our (plain) params tree of `config`, in `dtype`
-    (default config.param_dtype); with `shardings` (a matching pytree of NamedShardings) each
-    array is assembled on its devices from the slices they hold."""
-    folder = resolve_model_path(path)
+class _Arrays:
+    """An in-memory {HF name: array} (e.g. a transformers model's state_dict as numpy)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self.tensors[name][index])
+
+
+def _params_from_source(source, config: ModelConfig, shardings, dtype, where: str):
     dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
-    source = _open_weights(folder)
     available, used, params = source.names(), set(), {}
     for m in tensor_maps(config):
         for leaf_path, targets in _leaves(config, m):
             for name, _ in targets:
                 if name not in available:
-                    raise HFError(f"{folder}: tensor {name} is missing from the weights")
+                    raise HFError(f"{where}: tensor {name} is missing from the weights")
                 if source.shape(name) != m.hf_shape:
                     raise HFError(
-                        f"{folder}: {name} has shape {list(source.shape(name))}; config.json "
+                        f"{where}: {name} has shape {list(source.shape(name))}; config.json "
                         f"implies {list(m.hf_shape)}"
                     )
                 used.add(name)
@@ -515,10 +542,36 @@ def load_params(path: str, config: ModelConfig, shardings=None, dtype=None):
         unused.discard("lm_head.weight")  # some tied checkpoints store the copy too
     if unused:
         raise HFError(
-            f"{folder}: weights this {config.architecture} config does not use: "
+            f"{where}: weights this {config.architecture} config does not use: "
             f"{sorted(unused)[:6]}{' ...' if len(unused) > 6 else ''}"
         )
     return params
+
+
+def params_from_hf_tensors(config: ModelConfig, tensors, shardings=None, dtype=None):
+    """Our params tree from HF-named tensors in PyTorch layout ({name: array}, e.g.
+    `{k: v.numpy() for k, v in torch_model.state_dict().items()}`)."""
+    return _params_from_source(_Arrays(tensors), config, shardings, dtype, "tensors")
+
+
+def hf_tensors_from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
+    """{HF name: numpy array in PyTorch layout} of (host-gathered) params; the inverse of
+    params_from_hf_tensors."""
+    params, out = nn.meta.unbox(params), {}
+    for m in tensor_maps(config):
+        for leaf_path, targets in _leaves(config, m):
+            host = _to_host(_get(params, leaf_path))
+            for name, layer in targets:
+                out[name] = m.to_hf(host if layer is None else host[layer])
+    return out
+
+
+def load_params(path: str, config: ModelConfig, shardings=None, dtype=None):
+    """The weights of HF folder (or hub id) `path` as our plain params tree of `config`, in
+    `dtype` (default config.param_dtype). With `shardings` (a matching pytree of
+    NamedShardings) each array is assembled on its devices from the slices they hold."""
+    folder = resolve_model_path(path)
+    return _params_from_source(_open_weights(folder), config, shardings, dtype, folder)
 
 
 def load_pretrained(path: str, dtype="float32", shardings=None, *, compute_dtype=None, **runtime):

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import checkpoint, data, hf, model, optim, sharding
+from dpo_jax import checkpoint, data, hf, memory, model, optim, sharding
 from dpo_jax.step import LossConfig, TrainState, eval_sums, finalize, train_step
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -145,6 +145,37 @@ def init_state(config, model_config, optimizer, shardings):
         )
 
     return jax.jit(build, out_shardings=shardings)(jax.random.key(config.training.seed))
+
+
+def check_memory(config, model_config, loss_config, optimizer, shardings, mesh) -> None:
+    """Prints the per-device memory estimate; on an accelerator, stops before compiling
+    when it cannot fit, naming the knobs that would make it fit."""
+
+    def unboxed_state():
+        params = nn.meta.unbox(model.init_params(model_config, jax.random.key(0)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(unboxed_state),
+        shardings,
+    )
+    t = config.training
+    rows_per_device = 2 * t.batch_size // t.gradient_accumulation_steps
+    rows_per_device //= sharding.data_parallel_size(mesh)
+    parts = memory.estimate(
+        abstract,
+        abstract.params if loss_config.needs_reference else None,
+        model_config,
+        tokens_per_device=rows_per_device * config.data.max_seq_length,
+        row_length=config.data.max_seq_length,
+        logits_chunk_size=loss_config.logits_chunk_size,
+    )
+    if jax.process_index() == 0:
+        print(f"memory per device (estimate): {memory.describe(parts)}", flush=True)
+    memory.check_fits(parts, memory.device_limit_bytes(mesh.devices.flat[0]))
 
 
 def copy_params(params, shardings):
@@ -287,6 +318,7 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     # --- optimizer, state, reference
     optimizer, schedule = build_optimizer(config, total_steps)
     shardings = state_shardings(model_config, optimizer, mesh, rules)
+    check_memory(config, model_config, loss_config, optimizer, shardings, mesh)
     state = init_state(config, model_config, optimizer, shardings)
     # Reference = the initial policy; frozen, never donated, never in the optimizer.
     ref_params = (
@@ -405,7 +437,7 @@ def train(config, workdir: str, devices=None) -> TrainResult:
 
 
 # Errors caused by the user's config or data: one clear line, no traceback.
-USER_ERRORS = (ConfigError, data.DataError, hf.HFError, sharding.MeshError)
+USER_ERRORS = (ConfigError, data.DataError, hf.HFError, sharding.MeshError, MemoryError)
 
 
 def main(argv) -> None:

@@ -84,6 +84,7 @@ def test_cli_earlier_step_named_sets_and_other_mesh(run, capsys):
         (["--step", "3"], "no checkpoint of step 3 (have [2, 4])"),
         (["--data", "a.jsonl", "x/a.jsonl"], "two eval sets are named 'a'"),
         (["--mesh", "2,2"], "expected three integers"),
+        (["--data", "missing.jsonl"], "missing.jsonl: file not found"),
     ],
 )
 def test_cli_errors_are_one_line(run, args, message):

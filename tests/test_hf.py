@@ -249,7 +249,9 @@ def test_errors_name_the_problem(saved, tmp_path):
 
     (bad / "config.json").write_text(json.dumps(config | {"intermediate_size": F + 1}))
     shutil.copy(os.path.join(folder, "model.safetensors"), bad)
-    with pytest.raises(hf.HFError, match=r"gate_proj.weight has shape \[128, 64\]; config.json implies \[129, 64\]"):
+    with pytest.raises(
+        hf.HFError, match=r"gate_proj.weight has shape \[128, 64\]; config.json implies \[129, 64\]"
+    ):
         hf.load_pretrained(str(bad))
 
     (bad / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from dpo_jax import hf
 from dpo_jax import model as M
 
 P = jax.sharding.PartitionSpec
@@ -80,42 +81,9 @@ def _config_for(variant: str) -> M.ModelConfig:
 
 
 def _params_from_hf(model, config: M.ModelConfig):
-    """The HF -> ours mapping (what hf.py does for safetensors), for the test only."""
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    n, k, h = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-
-    def stack(name, fn=lambda w: w):
-        return np.stack([fn(sd[f"model.layers.{i}.{name}"]) for i in range(config.num_layers)])
-
-    attn = {
-        "q_proj": {"kernel": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(D, n, h))},
-        "k_proj": {"kernel": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(D, k, h))},
-        "v_proj": {"kernel": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(D, k, h))},
-        "o_proj": {"kernel": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, D))},
-    }
-    if config.attention_bias:
-        for name, heads in [("q_proj", n), ("k_proj", k), ("v_proj", k)]:
-            attn[name]["bias"] = stack(f"self_attn.{name}.bias", lambda b: b.reshape(heads, h))  # noqa: B023
-    if config.qk_norm:
-        attn["q_norm"] = {"scale": stack("self_attn.q_norm.weight")}
-        attn["k_norm"] = {"scale": stack("self_attn.k_norm.weight")}
-    params = {
-        "embed": {"embedding": sd["model.embed_tokens.weight"]},
-        "layers": {
-            "attn_norm": {"scale": stack("input_layernorm.weight")},
-            "attn": attn,
-            "mlp_norm": {"scale": stack("post_attention_layernorm.weight")},
-            "mlp": {
-                "gate_proj": {"kernel": stack("mlp.gate_proj.weight", np.transpose)},
-                "up_proj": {"kernel": stack("mlp.up_proj.weight", np.transpose)},
-                "down_proj": {"kernel": stack("mlp.down_proj.weight", np.transpose)},
-            },
-        },
-        "final_norm": {"scale": sd["model.norm.weight"]},
-    }
-    if not config.tie_word_embeddings:
-        params["lm_head"] = {"kernel": sd["lm_head.weight"].T}
-    return jax.tree.map(jnp.asarray, params)
+    """The HF -> ours mapping of dpo_jax.hf, applied to the in-memory state dict."""
+    state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return hf.params_from_hf_tensors(config, state_dict)
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama3_rope", "tied", "qwen2", "qwen3"])

@@ -1,0 +1,287 @@
+"""Settings → sources → cached tokenized pairs → the training stream, eval sets and report.
+
+`build_data` is the one entry point of the trainer; `settings_from_config` turns the loose
+`config.data` into typed DataSettings once, at the entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from . import cache
+from .formats import Layout, normalise_records
+from .iterator import PairIterator
+from .problems import DataError, Problems
+from .sources import open_source, parse_mapping, resolve_source, split_list
+from .tokens import Lengths, Renderer, TokenizedPair, pairs_from_table, tokenize_examples
+from .tokens import tokenizer_fingerprint as tokenizer_fingerprint
+
+log = logging.getLogger("dpo_jax.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    max_seq_length: int  # T: prompt + completion tokens of one sequence (packed row length)
+    max_prompt_length: int | None = None  # prompts keep their last this-many tokens
+    apply_chat_template: bool = True  # render through the tokenizer's chat template
+    train_sources: tuple[str, ...] = ()  # source specs (see sources.py)
+    train_weights: tuple[float, ...] = ()  # mixture weights, one per source (() = concatenate)
+    validation_sources: tuple[tuple[str, str], ...] = ()  # (name, spec); name "" = "eval/"
+    format: str = "auto"
+    fields: tuple[tuple[str, str], ...] = ()
+    roles: tuple[tuple[str, str], ...] = ()
+    system_prompt: str = ""
+    ranked_pairs: str = "best_worst"
+    ranked_ties: str = "error"
+    truncation: str = "truncate"
+    on_error: str = "raise"
+    packing: bool = False
+    packed_rows: int = 0  # rows per micro-batch (0 = 2 · batch_size / accumulation)
+    packed_pairs: int = 0  # pair slots per micro-batch (0 = from the mean pair length)
+    bucket_lengths: tuple[int, ...] | str = ()  # padded row lengths ("auto", (), or lengths)
+    shuffle: bool = True
+    num_proc: int = 0  # tokenization workers (0 = automatic)
+    cache_dir: str | None = None  # None = no cache
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.format, self.fields, self.roles, self.system_prompt,
+                      self.ranked_pairs, self.ranked_ties, self.apply_chat_template)
+
+    @property
+    def lengths(self) -> Lengths:
+        return Lengths(self.max_seq_length, self.max_prompt_length, self.truncation)
+
+
+DataConfig = DataSettings  # the first version's name
+
+
+def settings_from_config(d, model_max_length: int | None = None) -> DataSettings:
+    """`config.data` (a ConfigDict or dict; keys it lacks take their defaults) → settings."""
+    get = lambda key, default=None: d.get(key, default) if hasattr(d, "get") else default
+    max_seq_length = int(get("max_seq_length"))
+    if model_max_length is not None and max_seq_length > model_max_length:
+        raise DataError(
+            f"config data.max_seq_length={max_seq_length} exceeds model.max_length="
+            f"{model_max_length}; lower one or raise the other"
+        )
+    validation = [("", spec) for spec in split_list(get("validation_file", ""))][:1]
+    validation += list(parse_mapping(get("validation_files", ""), "data.validation_files").items())
+    cache_dir = get("cache_dir", "")
+    weights = tuple(float(w) for w in split_list(get("train_weights", "")))
+    buckets = get("bucket_lengths", "")
+    return DataSettings(
+        max_seq_length=max_seq_length,
+        max_prompt_length=int(get("max_prompt_length") or 0) or None,
+        apply_chat_template=bool(get("apply_chat_template", True)),
+        train_sources=tuple(split_list(get("train_file", ""))),
+        train_weights=weights,
+        validation_sources=tuple(validation),
+        format=str(get("format", "auto")),
+        fields=tuple(parse_mapping(get("fields", ""), "data.fields").items()),
+        roles=tuple(parse_mapping(get("roles", ""), "data.roles").items()),
+        system_prompt=str(get("system_prompt", "") or ""),
+        ranked_pairs=str(get("ranked_pairs", "best_worst")),
+        ranked_ties=str(get("ranked_ties", "error")),
+        truncation=str(get("truncation", "truncate")),
+        on_error=str(get("on_error", "raise")),
+        packing=bool(get("packing", False)),
+        packed_rows=int(get("packed_rows", 0)),
+        packed_pairs=int(get("packed_pairs", 0)),
+        bucket_lengths=buckets if isinstance(buckets, str) else tuple(buckets),
+        shuffle=bool(get("shuffle", True)),
+        num_proc=int(get("num_proc", 0)),
+        cache_dir=None if cache_dir == "none" else (cache_dir or cache.default_cache_dir()),
+    )
+
+
+# ------------------------------------------------------------------------ one source
+
+
+def load_source(spec: str, tokenizer, settings: DataSettings, renderer: Renderer | None = None):
+    """(pairs, report) of one source, through the cache."""
+    renderer = renderer or Renderer(tokenizer, settings.apply_chat_template)
+    content, read = open_source(resolve_source(spec))
+    relevant = dataclasses.asdict(settings.layout) | dataclasses.asdict(settings.lengths)
+    key = cache.cache_key(content, tokenizer_fingerprint(tokenizer), relevant, settings.on_error)
+    problems = Problems(spec, settings.on_error)
+    cached = cache.load(settings.cache_dir, key)
+    if cached is not None:
+        table, meta = cached
+        problems.messages = meta["skipped_examples"]
+        problems.counts, problems.policy = Counter(meta["errors"]), Counter(meta["policy"])
+        problems.finish()  # warns again about skipped records
+        return pairs_from_table(table), meta["report"] | {"cache": "hit"}
+    examples, fmt, records = normalise_records(read(problems), settings.layout, problems)
+    if settings.on_error == "raise":
+        problems.finish()  # before spending time on tokenization
+    table, counts = tokenize_examples(examples, renderer, settings.lengths, problems,
+                                      settings.num_proc, fingerprint=key)
+    problems.finish()
+    report = {
+        "source": spec, "format": fmt, "records": records, "pairs": len(table),
+        "truncated": {k.split(":")[1]: n for k, n in sorted(counts.items())
+                      if k.startswith("truncated:")},
+        "dropped": {k.split(":")[1]: n for k, n in sorted(counts.items())
+                    if k.startswith("dropped:")},
+    } | problems.report()
+    meta = {"report": report, "errors": problems.counts, "policy": problems.policy,
+            "skipped_examples": problems.messages}
+    cache.save(settings.cache_dir, key, table, meta)
+    return pairs_from_table(table), report | {"cache": "miss" if settings.cache_dir else "off"}
+
+
+def length_stats(pairs: Sequence[TokenizedPair]) -> dict:
+    """Percentiles of sequence (prompt + completion) lengths in tokens."""
+    lengths = np.array([n for pair in pairs for n in pair.lengths])
+    return {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)} | {
+        "max": int(lengths.max()),
+        "mean": float(lengths.mean()),
+    }
+
+
+def set_report(pairs: Sequence[TokenizedPair], sources: list[dict]) -> dict:
+    def stats(values):
+        values = np.asarray(values)
+        return {f"p{q}": int(np.percentile(values, q)) for q in (5, 50, 90, 99)} | {
+            "max": int(values.max()), "mean": round(float(values.mean()), 1)}
+
+    report = {"pairs": len(pairs), "sources": sources}
+    if pairs:
+        report["lengths"] = {
+            "prompt": stats([len(p.prompt) for p in pairs]),
+            "chosen": stats([len(p.chosen) for p in pairs]),
+            "rejected": stats([len(p.rejected) for p in pairs]),
+            "sequence": stats([n for p in pairs for n in p.lengths]),
+        }
+    return report
+
+
+# ---------------------------------------------------------------------- the entry point
+
+
+class Data(NamedTuple):
+    train: PairIterator  # next(train) → [A, R, T] batch; .state() / .restore(position)
+    evals: dict[str, list[TokenizedPair]]  # name ("" = data.validation_file) → pairs
+    report: dict  # DIR/data_report.json
+
+
+def pad_token_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def build_data(
+    settings: DataSettings,
+    tokenizer,
+    *,
+    batch_size: int,
+    accumulation_steps: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Data:
+    """Reads, validates, tokenizes (cached) and batches the configured data. Raises
+    DataError before any training on bad input (data.on_error="raise")."""
+    if not settings.train_sources:
+        raise DataError("config data.train_file is empty; name a file, glob or hf: dataset")
+    renderer = Renderer(tokenizer, settings.apply_chat_template)
+    train_pairs, source_reports, sizes = [], [], []
+    for spec in settings.train_sources:
+        pairs, report = load_source(spec, tokenizer, settings, renderer)
+        if not pairs:
+            raise DataError(f"{spec}: no usable pairs ({report})")
+        train_pairs += pairs
+        sizes.append(len(pairs))
+        source_reports.append(report)
+    weights = settings.train_weights
+    if weights and len(weights) != len(sizes):
+        raise DataError(f"config data.train_weights has {len(weights)} weights for "
+                        f"{len(sizes)} sources in data.train_file")
+    evals, eval_reports = {}, {}
+    for name, spec in settings.validation_sources:
+        pairs, report = load_source(spec, tokenizer, settings, renderer)
+        if not pairs:
+            raise DataError(f"{spec}: no usable pairs ({report})")
+        evals[name] = pairs
+        eval_reports[name or "validation"] = set_report(pairs, [report])
+    from .batching import resolve_buckets
+
+    iterator = PairIterator(
+        train_pairs, batch_size=batch_size, accumulation_steps=accumulation_steps,
+        row_length=settings.max_seq_length, pad_id=pad_token_id(tokenizer), seed=seed,
+        shuffle=settings.shuffle, buckets=resolve_buckets(settings.bucket_lengths,
+                                                          settings.max_seq_length),
+        packing=settings.packing, packed_rows=settings.packed_rows,
+        packed_pairs=settings.packed_pairs,
+        sources=list(zip(sizes, weights, strict=True)) if weights else None,
+        process_index=process_index, process_count=process_count,
+    )
+    train_report = set_report(train_pairs, source_reports)
+    if weights:
+        for report, quota, weight in zip(source_reports, iterator.quotas, weights, strict=True):
+            report |= {"weight": weight, "pairs_per_epoch": quota}
+    report = {
+        "train": train_report,
+        "validation": eval_reports,
+        "batching": {"row_length": settings.max_seq_length, "buckets": list(iterator.buckets)}
+        | iterator.efficiency(0),
+    }
+    return Data(iterator, evals, report)
+
+
+def summary(report: dict) -> str:
+    """A few lines for the start of a run."""
+    lines = []
+    for name, part in [("train", report["train"])] + list(report["validation"].items()):
+        for s in part["sources"]:
+            skipped = sum(s["skipped"].values())
+            lines.append(
+                f"data {name}: {s['source']} [{s['format']}, cache {s['cache']}]: "
+                f"{s['records']} records → {s['pairs']} pairs; skipped {skipped} "
+                f"{s['skipped'] or ''}; dropped {s['dropped'] or 0}; truncated "
+                f"{s['truncated'] or 0}"
+            )
+    b = report["batching"]
+    efficiency = b.get("packing_efficiency", b.get("padding_efficiency"))
+    lengths = report["train"].get("lengths", {}).get("sequence", {})
+    lines.append(
+        f"data batching: {b['mode']}, {b['steps_per_epoch']} steps/epoch, "
+        f"{b['pairs_per_step']['mean']} pairs/step, row length {b['row_length']} "
+        f"(buckets {b['buckets']}), efficiency {efficiency:.1%}; sequence tokens "
+        f"p50 {lengths.get('p50')} p99 {lengths.get('p99')} max {lengths.get('max')}"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------ the first version's API
+
+
+def tokenize_records(records, tokenizer, cfg: DataSettings) -> tuple[list[TokenizedPair], Counter]:
+    """(where, record) pairs of one layout → pairs and counts of truncated and dropped pairs."""
+    problems = Problems("records", cfg.on_error)
+    examples, _, _ = normalise_records(records, cfg.layout, problems)
+    problems.finish()
+    renderer = Renderer(tokenizer, cfg.apply_chat_template)
+    table, counts = tokenize_examples(examples, renderer, cfg.lengths, problems, num_proc=1)
+    problems.finish()
+    return pairs_from_table(table), counts
+
+
+def load_pairs(path: str, tokenizer, cfg: DataSettings) -> tuple[list[TokenizedPair], Counter]:
+    """The pairs of one source (a file, glob or hf: dataset) and their counts by reason."""
+    pairs, report = load_source(path, tokenizer, cfg)
+    if not pairs:
+        raise DataError(f"{path}: no usable pairs ({report})")
+    counts = Counter({f"truncated:{k}": n for k, n in report["truncated"].items()})
+    counts.update({f"dropped:{k}": n for k, n in report["dropped"].items()})
+    counts.update({f"skipped:{k}": n for k, n in report["skipped"].items()})
+    return pairs, counts

@@ -1,0 +1,111 @@
+"""Per-device memory estimate at start-up: what must fit, and which knobs make it fit.
+
+Exact for what has a sharding (parameters, optimizer state, reference, gradients: the bytes
+of each array's shard on one device); an estimate for activations, from the tensors each
+layer keeps for the backward pass under the chosen remat policy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from dpo_jax.model import ModelConfig
+
+GiB = 2**30
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of arrays or ShapeDtypeStructs with shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def activation_bytes(
+    config: ModelConfig, tokens_per_device: int, row_length: int, logits_chunk_size: int
+) -> int:
+    """Activations kept for the backward pass of one micro-batch on one device."""
+    b = np.dtype(config.dtype).itemsize
+    d, f, h = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    n, k = config.num_heads, config.num_kv_heads
+    # Softmax probabilities of the XLA attention: fp32, one row of T keys per head.
+    attention_probs = n * row_length * 4
+    per_token = {
+        # norms' inputs, q/k/v, attention out, o_proj out, gate/up/product, down out
+        "none": (4 * d + 2 * n * h + 2 * k * h + 3 * f) * b + attention_probs,
+        # only the outputs of weight matmuls are kept; attention is recomputed
+        "dots_saveable": (n * h + 2 * k * h + 2 * d + 2 * f) * b,
+        # only each layer's input (the scan carry) is kept
+        "full": d * b,
+    }[config.remat_policy]
+    layers = config.num_layers * per_token * tokens_per_device
+    # The layer being recomputed under remat holds its full activations once.
+    one_layer = (
+        0
+        if config.remat_policy == "none"
+        else ((4 * d + 2 * n * h + 2 * k * h + 3 * f) * b + attention_probs) * tokens_per_device
+    )
+    # Final hidden states (+ their gradient) and one vocabulary chunk of fp32 logits,
+    # softmax and gradient in the chunked log-prob.
+    head = tokens_per_device * (2 * d * b + 3 * min(logits_chunk_size, config.vocab_size) * 4)
+    return layers + one_layer + head
+
+
+def estimate(
+    state,
+    ref_params,
+    config: ModelConfig,
+    *,
+    tokens_per_device: int,
+    row_length: int,
+    logits_chunk_size: int,
+) -> dict[str, int]:
+    """Bytes per device by part; `state`/`ref_params` may be arrays or ShapeDtypeStructs."""
+    params = shard_bytes(state.params)
+    parts = {
+        "params": params,
+        "optimizer": shard_bytes(state.opt_state),
+        "gradients": params,  # accumulated in the parameters' dtype and sharding
+        "reference": shard_bytes(ref_params) if ref_params is not None else 0,
+        "activations": activation_bytes(config, tokens_per_device, row_length, logits_chunk_size),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def describe(parts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {size / GiB:.2f} GiB" for name, size in parts.items())
+
+
+FIT_KNOBS = (
+    "training.gradient_accumulation_steps (more, smaller micro-batches)",
+    "training.gradient_checkpointing=True or model.remat_policy=dots_saveable|full",
+    "mesh.fsdp (shard parameters and optimizer state over more devices)",
+    "data.max_seq_length (shorter rows)",
+    "model.logits_chunk_size (smaller vocabulary chunks)",
+    "training.batch_size (fewer pairs per step)",
+)
+
+
+def device_limit_bytes(device) -> int | None:
+    """Usable memory of an accelerator; None on CPU, where the OS pages instead."""
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check_fits(parts: dict[str, int], limit_bytes: int | None) -> None:
+    """Raises MemoryError before compilation when the estimate exceeds the device."""
+    if limit_bytes is None or parts["total"] <= limit_bytes:
+        return
+    knobs = "\n  - ".join(FIT_KNOBS)
+    raise MemoryError(
+        f"estimated {parts['total'] / GiB:.1f} GiB per device ({describe(parts)}) exceeds the "
+        f"{limit_bytes / GiB:.1f} GiB available. Knobs that reduce it:\n  - {knobs}"
+    )
