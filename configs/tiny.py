@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.logging = ml_collections.ConfigDict()
     c.logging.every_steps = 5
+    c.logging.tensorboard = True  # DIR/tensorboard event files
+    c.logging.wandb = False  # also Weights & Biases, when wandb is installed
+    c.logging.wandb_project = "dpo_jax"
+    c.logging.report = True  # DIR/report.html + DIR/plots/*.png at the end
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 25  # 0 = only at the end

@@ -227,7 +227,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="mesh (default: the run's)"
     )
+    parser.add_argument("--coordinator_address", default=None, help="multi-process: host:port")
+    parser.add_argument("--num_processes", type=int, default=None, help="multi-process runs")
+    parser.add_argument("--process_id", type=int, default=None, help="multi-process runs")
     args = parser.parse_args(argv)
+    # Like train.py: a multi-host run's checkpoint is restored by every process together.
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         mesh_shape = None
         if args.mesh:

@@ -35,15 +35,17 @@ def split_metrics(metrics: dict) -> dict[str, dict[str, float]]:
 class TensorBoardWriter:
     """Scalars into DIR/tensorboard/{train,eval}/events.* (tensorboardX; no TensorFlow).
 
-    `purge_step`: on resume, the step training restarts from; TensorBoard then hides the
-    events an interrupted run wrote at or after it (they are recomputed)."""
+    `purge_step`: on resume, the checkpoint step k training restarts from; TensorBoard then
+    hides what an interrupted run logged after the checkpoint, as it is recomputed: train
+    rows of steps >= k, eval rows of steps > k (the eval at k ran before checkpoint k)."""
 
     def __init__(self, logdir: str, purge_step: int | None = None):
         from tensorboardX import SummaryWriter  # imported here: only runs that log need it
 
         self.logdir = logdir
+        purge = {"train": purge_step, "eval": None if purge_step is None else purge_step + 1}
         self.writers = {
-            run: SummaryWriter(os.path.join(logdir, run), purge_step=purge_step)
+            run: SummaryWriter(os.path.join(logdir, run), purge_step=purge[run])
             for run in ("train", "eval")
         }
 
@@ -162,14 +164,12 @@ def export_tensorboard(workdir: str) -> str:
     return logdir
 
 
-def read_scalars(logdir: str) -> list[tuple[str, int, str, float]]:
-    """(run, step, tag, value) of every scalar in the event files under `logdir` (for tests and
-    quick looks without TensorBoard installed)."""
+def read_events(logdir: str):
+    """(run, Event proto) of every event under `logdir`, run = the sub-folder ("train")."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
-    found = []
     for root, _, files in sorted(os.walk(logdir)):
         for name in sorted(files):
             if not name.startswith("events."):
@@ -182,11 +182,17 @@ def read_scalars(logdir: str) -> list[tuple[str, int, str, float]]:
                 (length,) = struct.unpack_from("<Q", buffer, offset)
                 payload = buffer[offset + 12 : offset + 12 + length]
                 offset += 12 + length + 4
-                event = event_pb2.Event.FromString(payload)
-                for value in event.summary.value:
-                    run = os.path.relpath(root, logdir)
-                    found.append((run, int(event.step), value.tag, float(value.simple_value)))
-    return found
+                yield os.path.relpath(root, logdir), event_pb2.Event.FromString(payload)
+
+
+def read_scalars(logdir: str) -> list[tuple[str, int, str, float]]:
+    """(run, step, tag, value) of every scalar under `logdir` (for tests and quick looks
+    without TensorBoard installed)."""
+    return [
+        (run, int(event.step), value.tag, float(value.simple_value))
+        for run, event in read_events(logdir)
+        for value in event.summary.value
+    ]
 
 
 def main(argv=None) -> None:

@@ -23,15 +23,21 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import checkpoint, data, hf, memory, model, optim, sharding
+from dpo_jax import checkpoint, data, hf, memory, metrics_log, model, optim, sharding
+from dpo_jax import report as html_report
 from dpo_jax.step import LossConfig, TrainState, eval_sums, finalize, train_step
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when this module is the entry point (other entry
+    points such as dpo_jax.bench and dpo_jax.evaluate import it as a library)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 
 class ConfigError(ValueError):
@@ -193,6 +199,7 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.total_steps = total_steps
         self.enabled = jax.process_index() == 0
+        self.sinks = None  # TensorBoard / W&B writers (metrics_log.MultiWriter)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -200,7 +207,13 @@ class MetricsWriter:
         row = {"step": int(step)} | {k: float(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.sinks is not None:
+            self.sinks.write(step, row)
         self.console(step, row)
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
 
     def console(self, step: int, row: dict) -> None:
         if "loss" in row:
@@ -223,8 +236,13 @@ def truncate_metrics_after(path: str, step: int) -> None:
     """On resume, drop log rows written after the checkpoint (they will be recomputed)."""
     if not os.path.exists(path) or jax.process_index() != 0:
         return
+
+    def keep(row):
+        # The eval at step k runs before checkpoint k is saved and is not re-run on resume.
+        return row["step"] < step or (row["step"] == step and "loss" not in row)
+
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+        rows = [line for line in f if line.strip() and keep(json.loads(line))]
     with open(path, "w") as f:
         f.writelines(rows)
 
@@ -295,7 +313,7 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     )
     sharding.check_batch_rows(2 * config.eval.batch_size, mesh, "config eval.batch_size")
     total_steps = t.max_steps if t.max_steps > 0 else t.num_epochs * iterator.steps_per_epoch
-    report = {
+    data_report = {
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs),
         "train_counts": dict(train_counts),
@@ -305,10 +323,10 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "data_report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump(data_report, f, indent=2)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        print(f"data: {json.dumps(report)}", flush=True)
+        print(f"data: {json.dumps(data_report)}", flush=True)
         print(
             f"model: {model.num_params(model_config):,} parameters; mesh {dict(mesh.shape)}; "
             f"{jax.device_count()} {jax.devices()[0].platform} devices",
@@ -363,6 +381,15 @@ def train(config, workdir: str, devices=None) -> TrainResult:
         functools.partial(eval_sums, model_config=model_config, loss_config=loss_config)
     )
     config_json = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        writer.sinks = metrics_log.open_writers(
+            workdir,
+            tensorboard=config.logging.tensorboard,
+            wandb=config.logging.wandb,
+            wandb_project=config.logging.wandb_project,
+            config=config_json,
+            purge_step=start_step or None,
+        )
 
     eval_metrics = {}
 
@@ -433,6 +460,9 @@ def train(config, workdir: str, devices=None) -> TrainResult:
             break
     ckpt.wait()
     ckpt.close()
+    writer.close()
+    if jax.process_index() == 0 and config.logging.report:
+        print(f"report: {html_report.write_report(workdir)}", flush=True)
     return TrainResult(state, ref_params, eval_metrics, completed=step == total_steps)
 
 
@@ -452,5 +482,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

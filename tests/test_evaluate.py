@@ -6,22 +6,12 @@ import os
 
 import jax
 import pytest
-from conftest import load_config
+from conftest import fast_config
 
 from dpo_jax import embedded, evaluate, train
 
-# Small and fast (as in test_train): 8 pairs per step, 4 steps, checkpoints and evals at 2, 4.
-FAST = {
-    "training.batch_size": 8,
-    "training.max_steps": 4,
-    "training.warmup_steps": 1,
-    "data.max_seq_length": 80,
-    "checkpoint.every_steps": 2,
-    "checkpoint.async_save": False,
-    "logging.every_steps": 1,
-    "eval.every_steps": 2,
-    "eval.batch_size": 8,
-}
+# conftest's FAST run, shortened: 4 steps, checkpoints and evals at steps 2 and 4.
+OVERRIDES = {"training.max_steps": 4, "eval.every_steps": 2, "checkpoint.every_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def run(tmp_path_factory):
     with open(embedded.VALIDATION_FILE) as src:
         validation.write_text("".join(src.readlines()[:12]))
     workdir = str(root / "run")
-    config = load_config("tiny", **(FAST | {"data.validation_file": str(validation)}))
+    config = fast_config(str(validation), **OVERRIDES)
     train.train(config, workdir, devices=jax.devices()[:1])
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         evals = {r["step"]: r for r in map(json.loads, f) if "eval/loss" in r}

@@ -137,6 +137,17 @@ def test_tensorboard_train_and_eval_runs_share_tags(tmp_path):
     }
 
 
+def test_tensorboard_resume_hides_what_is_recomputed(tmp_path):
+    """Resumed from checkpoint 4: train steps >= 4 are recomputed, the eval at 4 is kept."""
+    metrics_log.open_writers(str(tmp_path), purge_step=4).close()
+    starts = {
+        run: event.step
+        for run, event in metrics_log.read_events(str(tmp_path / "tensorboard"))
+        if event.HasField("session_log")
+    }
+    assert starts == {"train": 4, "eval": 5}
+
+
 def test_tensorboard_export_from_metrics_jsonl(workdir):
     metrics_log.main([str(workdir)])
     scalars = metrics_log.read_scalars(str(workdir / "tensorboard"))
