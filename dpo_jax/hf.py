@@ -190,7 +190,8 @@ def hf_config_from_model_config(config: ModelConfig, dtype: str, base: dict | No
         rope_scaling=rope_scaling,
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=config.tie_word_embeddings,
-        torch_dtype=dtype,
+        torch_dtype=dtype,  # transformers 4.x, vLLM
+        dtype=dtype,  # transformers 5
     )
     act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[config.mlp_activation]
     out["hidden_act"] = act
@@ -650,6 +651,9 @@ def save_pretrained(
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)
+        for old in os.listdir(path):  # an earlier export's shards would shadow or confuse
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old):
+                os.remove(os.path.join(path, old))
 
     from safetensors.numpy import save_file
 

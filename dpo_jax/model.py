@@ -101,6 +101,8 @@ class ModelConfig:
     scan_layers: bool = True
 
     def __post_init__(self):
+        if isinstance(self.layer_types, list):  # keep the config hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} not a multiple of {self.num_kv_heads=}")
         if self.remat_policy not in _REMAT_POLICIES:

@@ -65,6 +65,7 @@ def sequence_stats(model_config: ModelConfig, params, batch: dict, chunk_size: i
         model.unembedding(model_config, params),
         batch["labels"].reshape(-1),
         chunk_size=chunk_size,
+        logit_softcap=model_config.final_logit_softcap,
     )
     num_sequences = 2 * batch["pair_mask"].shape[-1]
     shape = (num_rows, row_length)

@@ -7,17 +7,22 @@ import filecmp
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
 from flax import serialization, traverse_util
 
-from dpo_jax import embedded, hf, model, sharding
+from dpo_jax import checkpoint, embedded, hf, model, sharding
+from dpo_jax.step import TrainState
 
 V, D, F, L, N, K = 97, 64, 128, 2, 4, 2
 FAMILIES = ["llama", "llama3_2", "mistral", "qwen2", "qwen3", "gemma2"]
@@ -176,6 +181,10 @@ def test_flax_msgpack_and_hf_sharded_safetensors_load_the_same_params(saved, tmp
     torch_model, folder = saved["llama"]
     config, params = hf.load_pretrained(folder)
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    exported = hf.hf_tensors_from_params(config, params)
+    assert exported.keys() == sd.keys()
+    for name, value in sd.items():
+        np.testing.assert_array_equal(exported[name], value)
 
     # The layout transformers 4.x FlaxLlamaForCausalLM.save_pretrained writes: Dense kernels
     # [in, out], norms' "weight", embed_tokens/embedding, layers keyed by index.
@@ -209,7 +218,7 @@ def test_flax_msgpack_and_hf_sharded_safetensors_load_the_same_params(saved, tmp
     assert_same_params(params_bf16, expected)
 
 
-def test_8_device_fsdp_mesh_loads_and_exports_like_one_device(saved, tmp_path):
+def test_8_device_fsdp_mesh_loads_and_exports_like_one_device(saved, tmp_path, monkeypatch):
     _, folder = saved["gemma2"]
     config, params = hf.load_pretrained(folder)
     mesh = sharding.make_mesh(1, 8, 1)
@@ -217,7 +226,15 @@ def test_8_device_fsdp_mesh_loads_and_exports_like_one_device(saved, tmp_path):
     shardings = nn.logical_to_mesh_sharding(
         model.logical_axes(config), mesh, sharding.DEFAULT_RULES
     )
+    read = hf._Safetensors.read
+    sizes = []
+    monkeypatch.setattr(
+        hf._Safetensors, "read", lambda *a: sizes.append((out := read(*a)).size) or out
+    )
     _, sharded = hf.load_pretrained(folder, shardings=shardings)
+    # Each device's slice is read once, replicas (the norms) once: every weight read once.
+    assert sum(sizes) == model.num_params(config) and len(sizes) > 8 * config.num_layers
+    monkeypatch.undo()
     assert_same_params(sharded, params)
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
                  sharded, shardings)  # fmt: skip
@@ -339,3 +356,135 @@ def test_export_folder_has_tokenizer_and_config_keys(tmp_path):
     assert written["torch_dtype"] == "bfloat16" and written["eos_token_id"] == base["eos_token_id"]
     _, loaded = hf.load_pretrained(str(out), dtype="bfloat16")
     assert_same_params(loaded, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+
+
+def test_export_cli_writes_a_checkpoint_as_an_hf_folder(tmp_path):
+    """A checkpoint written by train.py's Checkpointer → `python -m dpo_jax.export` (8 CPU
+    devices, fsdp) → an HF folder transformers loads, holding exactly the trained params."""
+    from conftest import load_config
+
+    run = load_config("tiny")
+    config = hf.read_model_config(run.model.name)
+    params = nn.meta.unbox(jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(1)))
+    state = TrainState(step=jnp.asarray(3), params=params, opt_state=optax.adamw(1e-3).init(params))
+    workdir = tmp_path / "run"
+    ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+    ckpt.save(3, state, {"epoch": 0, "index": 3}, json.loads(run.to_json_best_effort()))
+    ckpt.close()
+
+    out = tmp_path / "hf"
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "dpo_jax.export", f"--workdir={workdir}", f"--out={out}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exported step 3" in result.stdout
+
+    _, loaded = hf.load_pretrained(str(out))
+    assert_same_params(loaded, params)
+    assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, size=(1, 10))
+    np.testing.assert_allclose(
+        ours(config, params, tokens, np.arange(10)[None], np.ones((1, 10), np.int32)),
+        torch_logits(torch_model, tokens),
+        atol=1e-4,
+        rtol=0,
+    )
+
+    result = subprocess.run(command + ["--step=7"], env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "--step 7: not among the checkpoints" in result.stderr
+
+
+REAL_CONFIGS = ["llama3_2_1b", "qwen2_5_0_5b", "qwen3_1_7b", "llama3_1_8b", "mistral_7b"]
+REAL_CONFIGS += ["gemma2_2b"]
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_real_model_configs_have_the_keys_of_tiny(name):
+    from conftest import REPO, load_config
+
+    def keys(config, prefix=""):
+        out = set()
+        for key, value in config.items():
+            out |= keys(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key}
+        return out
+
+    config = load_config(name)
+    assert keys(config) == keys(load_config("tiny"))
+    assert config.model.init == "pretrained" and config.model.dtype == "bfloat16"
+    assert config.data.max_seq_length <= config.model.max_length
+    assert 5e-7 <= config.training.learning_rate <= 1e-6 and config.training.beta == 0.1
+    rows = 2 * config.training.batch_size // config.training.gradient_accumulation_steps
+    assert rows % 8 == 0 and (2 * config.eval.batch_size) % 8 == 0  # an 8-GPU host
+    with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+        assert f"--config configs/{name}.py" in f.read()
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+import flax.linen as nn
+from dpo_jax import hf, model, sharding
+
+port, index, folder, out = sys.argv[1:]
+sharding.initialize_distributed(f"localhost:{port}", 2, int(index))
+config = hf.read_model_config(folder)
+mesh = sharding.make_mesh(1, 8, 1)  # 2 processes x 4 devices
+specs = model.logical_axes(config)
+shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding.DEFAULT_RULES)
+config, params = hf.load_pretrained(folder, shardings=shardings)
+assert not params["layers"]["mlp"]["up_proj"]["kernel"].is_fully_addressable
+hf.save_pretrained(out, config, params, max_shard_size="40KB")
+"""
+
+
+def test_two_processes_load_and_export_like_one(saved, tmp_path):
+    _, folder = saved["qwen3"]
+    config, params = hf.load_pretrained(folder)
+    one = tmp_path / "one"
+    hf.save_pretrained(str(one), config, params, max_shard_size="40KB")
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env |= {"JAX_PLATFORMS": "cpu"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_SCRIPT, str(port), str(i), folder, str(two)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+    files = sorted(os.listdir(one))
+    assert files == sorted(os.listdir(two)) and len(files) > 3
+    _, mismatch, errors = filecmp.cmpfiles(one, two, files, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_trainer_log_probs_apply_gemma2_final_softcap(saved):
+    """step.sequence_stats (vocab-chunked) gives the log-probs of forward's capped logits."""
+    from dpo_jax import losses, step
+
+    _, folder = saved["gemma2"]
+    config, params = hf.load_pretrained(folder)
+    tokens = np.random.default_rng(0).integers(3, V, size=(2, 9))
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(8), (2, 8)),
+        "segment_ids": np.ones((2, 8), np.int32),
+        "loss_mask": np.ones((2, 8), bool),
+        "sequence_ids": np.array([[0] * 8, [1] * 8]),
+        "pair_mask": np.ones(1, bool),
+    }
+    logps, _, _ = step.sequence_stats(config, params, batch, chunk_size=32)
+    logits = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    assert np.abs(logits).max() < FINAL_CAP
+    expected = losses.token_logps(logits, jnp.asarray(batch["labels"])).sum(-1)
+    np.testing.assert_allclose(logps, expected, atol=1e-4, rtol=0)

@@ -1,0 +1,137 @@
+"""Export a training checkpoint as a Hugging Face folder.
+
+    python -m dpo_jax.export --workdir runs/x [--step N] --out runs/x/hf-N [--dtype bfloat16]
+
+Restores only the policy params of DIR/checkpoints/<step> (the latest by default; the
+optimizer state is never read) onto an fsdp mesh of all devices, then writes safetensors,
+config.json, generation_config.json and the tokenizer of the run's model (data.tokenizer when
+set, else model.name) with `dpo_jax.hf.save_pretrained`. The folder loads in
+`transformers.AutoModelForCausalLM.from_pretrained`, vLLM, and `dpo_jax.hf.load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from absl import app, flags
+
+from dpo_jax import hf, model, sharding
+from dpo_jax.model import ModelConfig
+
+
+class ExportError(ValueError):
+    """A workdir or step that cannot be exported, and why."""
+
+
+def write_hf(
+    out: str,
+    model_config: ModelConfig,
+    params,
+    model_name: str,
+    *,
+    tokenizer=None,
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """An HF folder of `params` whose config.json keeps the source model's other keys (token
+    ids, ...), with its generation_config.json and tokenizer (`tokenizer`: an object with
+    save_pretrained or a folder / hub id; default `model_name`'s). Every process calls it."""
+    source = hf.resolve_model_path(model_name)
+    generation_config = None
+    generation_file = os.path.join(source, "generation_config.json")
+    if os.path.isfile(generation_file):
+        with open(generation_file) as f:
+            generation_config = json.load(f)
+    hf.save_pretrained(
+        out,
+        model_config,
+        params,
+        tokenizer if tokenizer is not None else source,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        base_config=hf.read_hf_config(source),
+        generation_config=generation_config,
+    )
+
+
+def restore_params(workdir: str, step: int | None = None, devices=None):
+    """(run config dict, ModelConfig, params fsdp-sharded over `devices`, step) of a
+    checkpoint of `workdir`."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ExportError(f"--workdir {workdir}: no checkpoints/ folder (has it trained?)")
+    manager = ocp.CheckpointManager(directory)
+    steps = manager.all_steps()
+    if step is None:
+        step = manager.latest_step()
+    if step is None or step not in steps:
+        raise ExportError(f"--step {step}: not among the checkpoints of {workdir}: {steps}")
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    m = config["model"]
+    model_config = hf.read_model_config(m["name"], param_dtype=m.get("param_dtype", "float32"))
+    mesh = sharding.make_mesh(1, -1, 1, devices)
+    # JSON turned the rules' tuples into lists; flax wants (name, axis | (axes…) | None).
+    rules = tuple(
+        (name, tuple(axes) if isinstance(axes, list) else axes)
+        for name, axes in config.get("mesh", {}).get("rules") or sharding.DEFAULT_RULES
+    )
+    abstract = jax.eval_shape(lambda: model.init_params(model_config, jax.random.key(0)))
+    shardings = sharding.logical_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract),
+        shardings,
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+                partial_restore=True,  # the params only, not the optimizer state
+            )
+        ),
+    )
+    manager.close()
+    return config, model_config, restored.state["params"], step
+
+
+def export(workdir: str, out: str, step: int | None = None, *, dtype=None, devices=None) -> int:
+    """Writes checkpoint `step` (default: latest) of `workdir` as an HF folder; returns step."""
+    config, model_config, params, step = restore_params(workdir, step, devices)
+    tokenizer = (config.get("data") or {}).get("tokenizer") or config["model"]["name"]
+    write_hf(out, model_config, params, config["model"]["name"], tokenizer=tokenizer, dtype=dtype)
+    return step
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """CLI flags, defined only when run as a program (train.py imports this module and has
+    a --workdir of its own)."""
+    flags.DEFINE_string("workdir", None, "Training directory (holds checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_string("out", None, "Output folder for the Hugging Face model.")
+    flags.DEFINE_string("dtype", "", "Weights dtype, e.g. bfloat16 (default: as trained).")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv) -> None:
+    del argv
+    sharding.initialize_distributed()
+    try:
+        step = export(FLAGS.workdir, FLAGS.out, FLAGS.step, dtype=FLAGS.dtype or None)
+    except (ExportError, hf.HFError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if jax.process_index() == 0:
+        print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
