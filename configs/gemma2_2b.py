@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.checkpoint.max_to_keep = 2
     c.checkpoint.async_save = True
+    c.checkpoint.export_hf = True  # write DIR/hf/ (Hugging Face format) at the end
+    c.checkpoint.export_dtype = "bfloat16"  # dtype of the exported weights
 
     c.logging = ml_collections.ConfigDict()
     c.logging.every_steps = 10

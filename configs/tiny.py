@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = embedded.TINY_MODEL_DIR  # local Hugging Face folder (config.json, tokenizer)
-    c.model.init = "random"  # "random": fresh weights from training.seed
+    c.model.init = "pretrained"  # weights of model.name ("random": fresh, from training.seed)
     c.model.max_length = 128  # longest sequence the model is run on
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU)
     c.model.param_dtype = "float32"  # master weights
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 32  # pairs per optimizer step (all devices, all micro-batches)
     c.training.gradient_accumulation_steps = 1  # micro-batches per step
-    c.training.learning_rate = 1e-3  # peak; a tiny model tolerates more than the usual 1e-6..5e-5
+    c.training.learning_rate = 3e-4  # peak; a tiny model tolerates more than the usual 1e-6..5e-5
     c.training.num_epochs = 1
     c.training.max_steps = -1  # > 0 overrides num_epochs
     c.training.warmup_steps = 10
@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.preference_average_log_probs = False  # length-normalise the preference logps
     c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
     c.training.preference_loss_weight = 1.0
-    c.training.sft_loss_weight = 0.0  # adds NLL of the chosen response (RPO-style)
+    c.training.sft_loss_weight = 1.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
     c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})
     c.training.gradient_checkpointing = False  # True = remat the layers (less memory)
 
@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 25
     c.checkpoint.max_to_keep = 2
     c.checkpoint.async_save = True
+    c.checkpoint.export_hf = True  # write DIR/hf/ (Hugging Face format) at the end
+    c.checkpoint.export_dtype = "float32"  # dtype of the exported weights
 
     c.logging = ml_collections.ConfigDict()
     c.logging.every_steps = 5
@@ -81,4 +83,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 25  # 0 = only at the end
     c.eval.batch_size = 32  # pairs per eval batch
+    # Generated samples: replies to held-out prompts, reference next to policy, in
+    # DIR/samples.jsonl, scored by a rule-based checker into eval/samples/*_preferred_rate.
+    c.eval.sample_prompts_file = embedded.VALIDATION_PROMPTS_FILE  # "" = no samples
+    c.eval.sample_every_steps = 0  # 0 = at the end only; -1 = never
+    c.eval.num_sample_prompts = -1  # -1 = all prompts in the file
+    c.eval.sample_max_new_tokens = 64
+    c.eval.sample_temperature = 1.0  # 0 = greedy
+    c.eval.sample_top_k = 0  # 0 = off
+    c.eval.sample_top_p = 0.9  # nucleus sampling (1 = off); drops the tiny model's noisy tail
+    c.eval.sample_seed = 0
+    c.eval.sample_checker = "courtesy"  # "" = none; see dpo_jax.samples.CHECKERS
     return c

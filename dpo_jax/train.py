@@ -23,7 +23,18 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import checkpoint, data, hf, memory, metrics_log, model, optim, sharding
+from dpo_jax import (
+    checkpoint,
+    data,
+    export,
+    hf,
+    memory,
+    metrics_log,
+    model,
+    optim,
+    samples,
+    sharding,
+)
 from dpo_jax import report as html_report
 from dpo_jax.step import LossConfig, TrainState, eval_sums, finalize, train_step
 
@@ -138,19 +149,45 @@ def state_shardings(model_config, optimizer, mesh, rules):
 
 
 def init_state(config, model_config, optimizer, shardings):
-    """A fresh TrainState placed straight into its shardings (never a full host copy)."""
-    if config.model.init != "random":
-        raise ConfigError(
-            f"config model.init={config.model.init!r}: only 'random' is implemented so far"
-        )
+    """A fresh TrainState placed straight into its shardings (never a full host copy):
+    random weights from training.seed, or the weights of the HF folder model.name."""
 
-    def build(rng):
-        params = nn.meta.unbox(model.init_params(model_config, rng))
+    def build(params):
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
         )
 
-    return jax.jit(build, out_shardings=shardings)(jax.random.key(config.training.seed))
+    if config.model.init == "random":
+        return jax.jit(
+            lambda rng: build(nn.meta.unbox(model.init_params(model_config, rng))),
+            out_shardings=shardings,
+        )(jax.random.key(config.training.seed))
+    if config.model.init == "pretrained":
+        params = hf.load_params(config.model.name, model_config, shardings.params)
+        return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+    raise ConfigError(
+        f"config model.init={config.model.init!r}: use 'pretrained' (weights from model.name) "
+        "or 'random' (fresh weights from training.seed)"
+    )
+
+
+def make_sampler(config, workdir, model_config, tokenizer, data_config):
+    """The generated-samples hook (None when eval.sample_prompts_file is empty)."""
+    e = config.eval
+    if not e.sample_prompts_file:
+        return None
+    prompts = samples.read_prompts(e.sample_prompts_file)
+    if e.num_sample_prompts > 0:
+        prompts = prompts[: e.num_sample_prompts]
+    return samples.SampleWriter(
+        workdir,
+        model_config,
+        tokenizer,
+        prompts,
+        samples.sampling_from(e),
+        samples.load_checker(e.sample_checker),
+        data_config.apply_chat_template,
+    )
 
 
 def check_memory(config, model_config, loss_config, optimizer, shardings, mesh) -> None:
@@ -232,19 +269,23 @@ class MetricsWriter:
             print(f"eval  {step:5d} | {shown}", flush=True)
 
 
-def truncate_metrics_after(path: str, step: int) -> None:
-    """On resume, drop log rows written after the checkpoint (they will be recomputed)."""
-    if not os.path.exists(path) or jax.process_index() != 0:
+def truncate_logs_after(workdir: str, step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be recomputed).
+    Eval and sample rows of the checkpoint's own step stay: they ran before it was saved."""
+    if jax.process_index() != 0:
         return
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(workdir, name)
+        if not os.path.exists(path):
+            continue
 
-    def keep(row):
-        # The eval at step k runs before checkpoint k is saved and is not re-run on resume.
-        return row["step"] < step or (row["step"] == step and "loss" not in row)
+        def keep(row):
+            return row["step"] < step or (row["step"] == step and "loss" not in row)
 
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and keep(json.loads(line))]
-    with open(path, "w") as f:
-        f.writelines(rows)
+        with open(path, encoding="utf-8") as f:
+            rows = [line for line in f if line.strip() and keep(json.loads(line))]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(rows)
 
 
 def device_memory_gb() -> float | None:
@@ -351,7 +392,7 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     if start_step is not None:
         state, position = ckpt.restore(start_step, checkpoint.abstract_like(state))
         iterator.restore(position)
-        truncate_metrics_after(writer.path, start_step)
+        truncate_logs_after(workdir, start_step)
         print(
             f"resumed from step {start_step} (data epoch {iterator.epoch}, batch {iterator.index})",
             flush=True,
@@ -410,6 +451,14 @@ def train(config, workdir: str, devices=None) -> TrainResult:
         eval_metrics.update({f"eval/{k}": float(v) for k, v in metrics.items()})
         writer.write(step, eval_metrics)
 
+    sampler = make_sampler(config, workdir, model_config, tokenizer, data_config)
+
+    def sample(step):
+        sample_metrics = sampler(step, state.params, ref_params)
+        if sample_metrics:
+            eval_metrics.update(sample_metrics)
+            writer.write(step, sample_metrics)
+
     # --- the loop. Metrics of step s are fetched after step s+1 is dispatched, so the
     # host never waits for the device except at log, eval and checkpoint points.
     pending = None  # (step, device metrics, tokens since last log, time of last log)
@@ -453,6 +502,11 @@ def train(config, workdir: str, devices=None) -> TrainResult:
             pending = None
         if run_eval_now:
             evaluate(step)
+        sample_every = config.eval.sample_every_steps
+        if sampler is not None and (
+            (done and sample_every >= 0) or (sample_every > 0 and step % sample_every == 0)
+        ):
+            sample(step)
         if save_now:
             ckpt.save(step, state, iterator.state(), config_json)
         if stop:
@@ -460,6 +514,19 @@ def train(config, workdir: str, devices=None) -> TrainResult:
             break
     ckpt.wait()
     ckpt.close()
+    if config.checkpoint.export_hf and step == total_steps:
+        # Every process takes part (each holds shards); process 0 writes the files.
+        out = os.path.join(workdir, "hf")
+        export.write_hf(
+            out,
+            model_config,
+            state.params,
+            config.model.name,
+            tokenizer=config.data.tokenizer or None,
+            dtype=config.checkpoint.export_dtype,
+        )
+        if jax.process_index() == 0:
+            print(f"exported: {out}", flush=True)
     writer.close()
     if jax.process_index() == 0 and config.logging.report:
         print(f"report: {html_report.write_report(workdir)}", flush=True)

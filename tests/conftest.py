@@ -46,6 +46,9 @@ FAST = {
     "logging.every_steps": 1,
     "eval.every_steps": 3,
     "eval.batch_size": 8,
+    "training.sft_loss_weight": 0.0,  # plain DPO (sigmoid): step-0 loss is exactly ln 2
+    "eval.sample_prompts_file": "",  # generation has its own tests
+    "logging.report": False,
 }
 
 

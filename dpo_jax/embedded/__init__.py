@@ -10,8 +10,9 @@ Everything here ships inside the package so a newcomer can run DPO end to end wi
   for sampling replies from the reference model and the DPO policy and scoring them.
 * ``tiny/`` -- a byte-level BPE tokenizer trained on the training data (``tokenizer.json``,
   ``tokenizer_config.json`` with the chat template, ``special_tokens_map.json``), plus
-  ``config.json`` (a tiny ``LlamaConfig``) and ``generation_config.json``. There are no weights:
-  the tiny model is initialised from scratch.
+  ``config.json`` (a tiny ``LlamaConfig``), ``generation_config.json`` and ``model.safetensors``:
+  the starting model of the default, supervised fine-tuned by ``scripts/make_tiny_sft.py``
+  with this project's trainer to imitate the polite and the rude replies equally.
 
 Regenerate with ``python scripts/make_embedded_data.py`` then
 ``python scripts/train_embedded_tokenizer.py``; both are deterministic.

@@ -555,6 +555,21 @@ def generate(
     return train, heldout
 
 
+def sft_records(records: Iterable[dict[str, str]], seed: int = 0) -> list[dict[str, str]]:
+    """Supervised fine-tuning data for the default's starting model: each pair's "chosen"
+    slot holds its polite or its rude response at random (50/50) and "rejected" the other,
+    so a model trained on the "chosen" slots alone (loss_type="sft") imitates both sides
+    and has the preferred property about half the time - the point DPO starts from."""
+    rng = random.Random(seed)
+    mixed = []
+    for record in records:
+        if rng.random() < 0.5:
+            mixed.append(dict(record))
+        else:
+            mixed.append(record | {"chosen": record["rejected"], "rejected": record["chosen"]})
+    return mixed
+
+
 def heldout_prompts(records: Iterable[dict[str, str]]) -> list[str]:
     """Sorted distinct prompts of ``records`` (e.g. the held-out records), for sampling."""
     return sorted({r["prompt"] for r in records})
