@@ -8,8 +8,10 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 from conftest import FAST, REPO, assert_rows_close, fast_config, read_metrics
+from safetensors.numpy import load_file
 
 from dpo_jax import train
 
@@ -82,3 +84,15 @@ def test_two_processes_killed_and_resumed_match_one_process(
     assert [r["step"] for r in expected] == [r["step"] for r in got]
     for a, b in zip(expected, got, strict=True):
         assert_rows_close(a, b)
+
+    # Both processes took part in the export at the end; it matches the one-process export
+    # (same files, weights equal to float rounding of the two runs' last updates).
+    one, two = os.path.join(single_process, "hf"), os.path.join(workdir, "hf")
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+    a, b = (
+        load_file(os.path.join(one, "model.safetensors")),
+        load_file(os.path.join(two, "model.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
