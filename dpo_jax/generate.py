@@ -3,6 +3,10 @@
     python -m dpo_jax.generate --model <HF folder or workdir> --prompt "..." [--prompt ...]
     python -m dpo_jax.generate --model runs/tiny --prompts prompts.jsonl --out replies.jsonl
 
+A workdir generates with its exported DIR/hf when there is one (else, or with --step, from a
+checkpoint); --temperature 0 is greedy. Replies are printed, or written as JSONL
+{"prompt", "reply"} with --out.
+
 Static shapes throughout: prompts are right-padded into a [B, P + max_new_tokens] buffer and
 one jitted loop writes one token per row per iteration, so a whole batch compiles once.
 Two decoders share the sampling code: `kv_cache` (prefill once, then one token at a time
@@ -12,15 +16,21 @@ slow, obviously-correct oracle the cache is tested against).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import json
+import os
+import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from transformers import AutoTokenizer
 
-from dpo_jax import model
+from dpo_jax import export, hf, model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +81,9 @@ def _last_logits(config, params, tokens_BxT, lengths_B):
     return jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cfg", "eos_id", "pad_id"))
-def decode_full_forward(config, params, tokens_BxT, lengths_B, rng, *, cfg, eos_id, pad_id):
+# EOS ids are an array argument, not static: another tokenizer's EOS does not recompile.
+@functools.partial(jax.jit, static_argnames=("config", "cfg", "pad_id"))
+def decode_full_forward(config, params, tokens_BxT, lengths_B, rng, *, cfg, eos_ids, pad_id):
     """Reference decoder: every new token recomputes the whole prefix."""
 
     def body(i, carry):
@@ -83,7 +94,7 @@ def decode_full_forward(config, params, tokens_BxT, lengths_B, rng, *, cfg, eos_
         rows = jnp.arange(tokens_BxT.shape[0])
         tokens_BxT = tokens_BxT.at[rows, lengths_B].set(next_B, mode="drop")
         lengths_B = jnp.where(done_B, lengths_B, lengths_B + 1)
-        done_B = done_B | (next_B == eos_id)
+        done_B = done_B | jnp.isin(next_B, eos_ids)
         return tokens_BxT, lengths_B, done_B, rng
 
     done_B = jnp.zeros_like(lengths_B, bool)
@@ -93,7 +104,53 @@ def decode_full_forward(config, params, tokens_BxT, lengths_B, rng, *, cfg, eos_
     return tokens_BxT, lengths_B
 
 
-DECODERS = {"full_forward": decode_full_forward}
+@functools.partial(jax.jit, static_argnames=("config", "cfg", "pad_id"))
+def decode_kv_cache(config, params, tokens_BxT, lengths_B, rng, *, cfg, eos_ids, pad_id):
+    """Prefills the prompt buffer into a KV cache once, then runs one cached token per row per
+    step; stops early once every row has emitted EOS. Same tokens and random stream as
+    `decode_full_forward`."""
+    b, total = tokens_BxT.shape
+    prompt_len = total - cfg.max_new_tokens
+    rows_B = jnp.arange(b)
+
+    def emit(logits_BxV, tokens_BxT, lengths_B, done_B, rng):
+        """Chooses each row's next token and appends it (finished rows get pad)."""
+        rng, step_rng = jax.random.split(rng)
+        next_B = jnp.where(done_B, pad_id, choose_tokens(logits_BxV, step_rng, cfg))
+        tokens_BxT = tokens_BxT.at[rows_B, lengths_B].set(next_B, mode="drop")
+        lengths_B = jnp.where(done_B, lengths_B, lengths_B + 1)
+        return next_B, tokens_BxT, lengths_B, done_B | jnp.isin(next_B, eos_ids), rng
+
+    positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len), (b, prompt_len))
+    logits_Bx1xV, cache = model.decode_step(
+        config,
+        params,
+        model.init_cache(config, b, total),
+        tokens_BxT[:, :prompt_len],
+        positions_BxP,
+        positions_BxP < lengths_B[:, None],
+        last_only=True,
+    )
+    done_B = jnp.zeros_like(lengths_B, bool)
+    carry = emit(logits_Bx1xV[:, 0], tokens_BxT, lengths_B, done_B, rng)
+
+    def cond(state):
+        i, (_, _, _, done_B, _), _ = state
+        return (i < cfg.max_new_tokens) & ~jnp.all(done_B)
+
+    def body(state):
+        i, (last_B, tokens_BxT, lengths_B, done_B, rng), cache = state
+        # The last emitted token sits at lengths - 1; finished rows write nothing.
+        logits_Bx1xV, cache = model.decode_step(
+            config, params, cache, last_B[:, None], (lengths_B - 1)[:, None], ~done_B[:, None]
+        )
+        return i + 1, emit(logits_Bx1xV[:, 0], tokens_BxT, lengths_B, done_B, rng), cache
+
+    _, (_, tokens_BxT, lengths_B, _, _), _ = jax.lax.while_loop(cond, body, (1, carry, cache))
+    return tokens_BxT, lengths_B
+
+
+DECODERS = {"kv_cache": decode_kv_cache, "full_forward": decode_full_forward}
 
 
 def prompt_ids(tokenizer, prompts: list[str], apply_chat_template: bool = True) -> list[list[int]]:
@@ -118,8 +175,10 @@ def generate_text(
     *,
     apply_chat_template: bool = True,
     batch_size: int = 32,
+    eos_id: int | Sequence[int] | None = None,
 ) -> list[str]:
-    """Replies (special tokens removed) to plain-text prompts."""
+    """Replies (special tokens removed) to plain-text prompts; generation stops at `eos_id`
+    (default: the tokenizer's EOS)."""
     ids = prompt_ids(tokenizer, prompts, apply_chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     new = generate(
@@ -127,7 +186,7 @@ def generate_text(
         params,
         ids,
         cfg,
-        eos_id=tokenizer.eos_token_id,
+        eos_id=next(i for i in (eos_id, tokenizer.eos_token_id, -1) if i is not None),
         pad_id=pad_id,
         batch_size=batch_size,
     )
@@ -155,21 +214,26 @@ def generate(
     prompts: list[list[int]],
     cfg: SamplingConfig,
     *,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     batch_size: int = 32,
     decoder: str = "kv_cache",
 ) -> list[list[int]]:
     """New tokens for each prompt (EOS included when reached), in prompt order."""
     if decoder not in DECODERS:
-        decoder = (
-            "full_forward" if decoder == "kv_cache" and "kv_cache" not in DECODERS else decoder
-        )
+        raise ValueError(f"decoder={decoder!r} not in {sorted(DECODERS)}")
+    if not prompts or not all(prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    if cfg.max_new_tokens < 1:
+        return [[] for _ in prompts]
     decode = DECODERS[decoder]
+    batch_size = min(batch_size, len(prompts))  # no rows of filler for a few prompts
+    eos_ids = _place_like(params, np.atleast_1d(np.asarray(eos_id, np.int32)))
     longest = max(len(p) for p in prompts)
     total = longest + cfg.max_new_tokens
     outputs = []
     rng = jax.random.key(cfg.seed)
+    compiled_cfg = dataclasses.replace(cfg, seed=0)  # the seed lives in rng: no recompile
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         # Fixed batch shape: fill a short last batch with copies of its first prompt.
@@ -179,14 +243,157 @@ def generate(
         out_tokens, out_lengths = decode(
             config,
             params,
-            jnp.asarray(tokens),
-            jnp.asarray(lengths),
+            _place_like(params, tokens),
+            _place_like(params, lengths),
             batch_rng,
-            cfg=cfg,
-            eos_id=eos_id,
+            cfg=compiled_cfg,
+            eos_ids=eos_ids,
             pad_id=pad_id,
         )
-        out_tokens, out_lengths = np.asarray(out_tokens), np.asarray(out_lengths)
+        out_tokens, out_lengths = _to_host(out_tokens), _to_host(out_lengths)
         for row, prompt in enumerate(chunk):
             outputs.append(out_tokens[row, len(prompt) : out_lengths[row]].tolist())
     return outputs
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+class GenerateError(ValueError):
+    """Bad command-line input, and why."""
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from .jsonl ({"prompt": ...} per line) or any other text file (one per line)."""
+    if not os.path.isfile(path):
+        raise GenerateError(f"--prompts {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise GenerateError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise GenerateError(f'{path}:{number}: expected an object with a string "prompt"')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _is_workdir(path: str) -> bool:
+    if any(os.path.isdir(os.path.join(path, sub)) for sub in ("hf", "checkpoints")):
+        return True
+    try:  # a training run's config.json has a "model" section; an HF config.json does not
+        with open(os.path.join(path, "config.json")) as f:
+            return isinstance(json.load(f).get("model"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _eos_ids(tokenizer, folder: str) -> tuple[int, ...]:
+    """The tokenizer's EOS plus generation_config.json's (Llama 3 instruct ends turns with
+    <|eot_id|>, not the tokenizer's <|end_of_text|>)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += [] if eos is None else np.ravel(eos).tolist()
+    return tuple(sorted(set(ids))) or (-1,)  # -1: no EOS, never stop early
+
+
+def load_model(path: str, step: int | None = None):
+    """(ModelConfig, params, tokenizer, EOS ids, what was loaded) of an HF folder or hub id,
+    or of a training workdir: its exported DIR/hf when there is one and no `step` is asked
+    for, else a checkpoint (the latest by default) with the run's tokenizer."""
+    if _is_workdir(path):
+        exported = os.path.join(path, "hf")
+        if step is None and os.path.isdir(exported):
+            config, params = hf.load_pretrained(exported)
+            tokenizer = AutoTokenizer.from_pretrained(exported)
+            return config, params, tokenizer, _eos_ids(tokenizer, exported), exported
+        if not os.path.isdir(os.path.join(path, "checkpoints")):
+            raise GenerateError(f"--model {path}: a training workdir without hf/ or checkpoints/")
+        run, config, params, step = export.restore_params(path, step)
+        source = hf.resolve_model_path(run["model"]["name"])
+        tokenizer = AutoTokenizer.from_pretrained(
+            (run.get("data") or {}).get("tokenizer") or source
+        )
+        return config, params, tokenizer, _eos_ids(tokenizer, source), f"{path} step {step}"
+    if step is not None:
+        raise GenerateError(f"--step {step}: only for a training workdir, not {path}")
+    config, params = hf.load_pretrained(path)
+    folder = hf.resolve_model_path(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return config, params, tokenizer, _eos_ids(tokenizer, folder), folder
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+def main(argv=None) -> None:
+    parser = _Parser(
+        prog="python -m dpo_jax.generate",
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="HF folder / hub id, or a training workdir")
+    parser.add_argument("--step", type=int, default=None, help="workdir: this checkpoint")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+    given.add_argument("--prompts", metavar="FILE", help='.jsonl of {"prompt": ...} or .txt')
+    defaults = SamplingConfig()
+    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=defaults.top_k, help="0: off")
+    parser.add_argument("--top_p", type=float, default=defaults.top_p, help="1: off")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch_size", type=int, default=32, help="prompts per compiled batch")
+    parser.add_argument("--no_chat_template", action="store_true", help="prompts as plain text")
+    parser.add_argument("--out", default=None, help="write JSONL {prompt, reply} here")
+    args = parser.parse_args(argv)
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        for ok, what in [
+            (cfg.max_new_tokens >= 1, f"--max_new_tokens {cfg.max_new_tokens}: must be >= 1"),
+            (cfg.temperature >= 0, f"--temperature {cfg.temperature}: must be >= 0"),
+            (cfg.top_k >= 0, f"--top_k {cfg.top_k}: must be >= 0"),
+            (0 < cfg.top_p <= 1, f"--top_p {cfg.top_p}: must be in (0, 1]"),
+            (args.batch_size >= 1, f"--batch_size {args.batch_size}: must be >= 1"),
+        ]:
+            if not ok:
+                raise GenerateError(what)
+        prompts = args.prompt or read_prompts(args.prompts)
+        if not prompts:
+            raise GenerateError(f"--prompts {args.prompts}: no prompts in it")
+        config, params, tokenizer, eos_ids, loaded = load_model(args.model, args.step)
+        print(f"model: {loaded}", file=sys.stderr, flush=True)
+        replies = generate_text(
+            config,
+            params,
+            tokenizer,
+            prompts,
+            cfg,
+            apply_chat_template=not args.no_chat_template,
+            batch_size=args.batch_size,
+            eos_id=eos_ids,
+        )
+    except (GenerateError, hf.HFError, export.ExportError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for prompt, reply in zip(prompts, replies, strict=True):
+                f.write(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(replies)} replies to {args.out}")
+    else:
+        for prompt, reply in zip(prompts, replies, strict=True):
+            print(f"{prompt}\n→ {reply}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -33,6 +33,11 @@ permutation is needed. Llama's post_attention_layernorm is our mlp_norm; Gemma 2
 post_attn_norm (its pre_feedforward_layernorm is mlp_norm). With rms_norm_unit_offset the
 stored scale s is applied as (1 + s), exactly as HF stores Gemma weights.
 With scan_layers=False the layers live under layers_0 ... layers_{L-1} without the [L] axis.
+
+KV cache (`init_cache` / `decode_step`, generation): the same modules with decode=True keep
+each layer's rotated keys and values in a "cache" collection, k/v [L, B, S, K, H] plus
+filled [L, B, S] (scanned like the params), with slot = position. A query at position p
+sees the filled slots s <= p (and p - s < window in sliding layers).
 """
 
 from __future__ import annotations
@@ -257,9 +262,11 @@ class Einsum(nn.Module):
         return y
 
 
-def _softcap_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, softcap):
-    """Causal GQA attention with Gemma 2's score cap: cap * tanh(q.k * scale / cap), fp32
-    scores and softmax (jax.nn.dot_product_attention has no soft-capping)."""
+def _softcap_attention(
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, softcap, is_causal=True
+):
+    """GQA attention with Gemma 2's score cap: cap * tanh(q.k * scale / cap), fp32 scores and
+    softmax (jax.nn.dot_product_attention has no soft-capping)."""
     b, t, n, h = q_BxTxNxH.shape
     k = k_BxSxKxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
@@ -267,8 +274,9 @@ def _softcap_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, 
         "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
     )
     scores_BxKxGxTxS = softcap * jnp.tanh(scores_BxKxGxTxS * scale / softcap)
-    causal_TxS = jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))
-    visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None] & causal_TxS
+    visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
+    if is_causal:
+        visible_Bx1x1xTxS &= jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))
     scores_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, scores_BxKxGxTxS, -1e30)
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
     out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
@@ -276,12 +284,15 @@ def _softcap_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, 
 
 
 class Attention(nn.Module):
-    """Grouped-query attention, causal within each segment (and within `window` if > 0)."""
+    """Grouped-query attention, causal within each segment (and within `window` if > 0).
+
+    With decode=True the keys and values come from the KV cache instead (see `_cached`)."""
 
     config: ModelConfig
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, window):
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, positions_BxT, segment_ids_BxT, window):
         c = self.config
         d, h, n, k = c.hidden_size, c.resolved_head_dim, c.num_heads, c.num_kv_heads
         dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
@@ -307,38 +318,70 @@ class Attention(nn.Module):
             k_BxTxKxH = RMSNorm(c.rms_norm_eps, name="k_norm", **dt)(k_BxTxKxH)
         q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
         k_BxTxKxH = _apply_rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
-        # Causal by index in the row AND same segment. Padding (segment 0) attends to padding and
-        # every token sees itself, so no softmax row is empty (no NaN).
-        mask_Bx1xTxT = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
-        if c.sliding_window is not None:
-            # transformers' sliding window: key index > query index - window. `window` is traced
-            # under scan (alternating layers share one compiled body); 0 = a full-attention layer.
-            index_T = jnp.arange(x_BxTxD.shape[1])
-            distance_TxT = index_T[:, None] - index_T[None, :]
-            mask_Bx1xTxT &= (window <= 0) | (distance_TxT < window)
+        if self.decode:
+            k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = self._cached(
+                k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window
+            )
+        else:
+            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+            # Causal by index in the row AND same segment. Padding (segment 0) attends to
+            # padding and every token sees itself, so no softmax row is empty (no NaN).
+            mask_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+            if c.sliding_window is not None:
+                # transformers' sliding window: key index > query index - window. `window` is
+                # traced under scan (alternating layers share one compiled body); 0 = a
+                # full-attention layer.
+                index_T = jnp.arange(x_BxTxD.shape[1])
+                distance_TxS = index_T[:, None] - index_T[None, :]
+                mask_Bx1xTxS &= (window <= 0) | (distance_TxS < window)
+        # Training is causal by index (the fast kernels' own mask); the cache mask holds it.
+        is_causal = not self.decode
         scale = (c.query_pre_attn_scalar or h) ** -0.5
         if c.attn_logit_softcap is not None:
             out_BxTxNxH = _softcap_attention(
                 q_BxTxNxH,
-                k_BxTxKxH,
-                v_BxTxKxH,
-                mask_Bx1xTxT,
+                k_BxSxKxH,
+                v_BxSxKxH,
+                mask_Bx1xTxS,
                 scale=scale,
                 softcap=c.attn_logit_softcap,
+                is_causal=is_causal,
             )
         else:
             out_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH,
-                k_BxTxKxH,
-                v_BxTxKxH,
-                mask=mask_Bx1xTxT,
+                k_BxSxKxH,
+                v_BxSxKxH,
+                mask=mask_Bx1xTxS,
                 scale=scale,
-                is_causal=True,
-                implementation=c.attention_impl,
+                is_causal=is_causal,
+                # cuDNN's flash kernels gain nothing on one query and take arbitrary masks
+                # only as a bias; decoding uses XLA's.
+                implementation=None if self.decode else c.attention_impl,
             )
         return Einsum(
             "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dt
         )(out_BxTxNxH)
+
+    def _cached(self, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window):
+        """Writes this call's keys/values into the cache at slot = position (tokens with
+        segment id 0, or past the cache, are not written) and returns the whole cache with
+        the mask of the slots each query sees."""
+        # At init (init_cache) the input is [B, S] and fixes the cache length S.
+        cached_k = self.variable("cache", "k", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+        cached_v = self.variable("cache", "v", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+        filled = self.variable("cache", "filled", jnp.zeros, positions_BxT.shape, bool)
+        s = filled.value.shape[1]
+        slots_BxT = jnp.where(segment_ids_BxT != 0, positions_BxT, s)  # s: dropped
+        rows_Bx1 = jnp.arange(slots_BxT.shape[0])[:, None]
+        cached_k.value = cached_k.value.at[rows_Bx1, slots_BxT].set(k_BxTxKxH, mode="drop")
+        cached_v.value = cached_v.value.at[rows_Bx1, slots_BxT].set(v_BxTxKxH, mode="drop")
+        filled.value = filled.value.at[rows_Bx1, slots_BxT].set(True, mode="drop")
+        distance_BxTxS = positions_BxT[:, :, None] - jnp.arange(s)
+        mask_BxTxS = filled.value[:, None, :] & (distance_BxTxS >= 0)
+        if self.config.sliding_window is not None:
+            mask_BxTxS &= (window <= 0) | (distance_BxTxS < window)
+        return cached_k.value, cached_v.value, mask_BxTxS[:, None]
 
 
 class Mlp(nn.Module):
@@ -376,12 +419,15 @@ class Block(nn.Module):
     """Pre-norm decoder layer (plus Gemma 2's post-norms); returns (x, None) for nn.scan."""
 
     config: ModelConfig
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, window):
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, positions_BxT, segment_ids_BxT, window):
         c = self.config
         y_BxTxD = _norm(c, "attn_norm")(x_BxTxD)
-        y_BxTxD = Attention(c, name="attn")(y_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, window)
+        y_BxTxD = Attention(c, self.decode, name="attn")(
+            y_BxTxD, cos_BxTxH, sin_BxTxH, positions_BxT, segment_ids_BxT, window
+        )
         if c.post_norms:
             y_BxTxD = _norm(c, "post_attn_norm")(y_BxTxD)
         x_BxTxD = x_BxTxD + y_BxTxD
@@ -392,9 +438,12 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """tokens, positions, segment ids [B, T] -> final-normed hidden states [B, T, D] (dtype)."""
+    """tokens, positions, segment ids [B, T] -> final-normed hidden states [B, T, D] (dtype).
+
+    decode=True: one sequence per row, attending to (and extending) the "cache" collection."""
 
     config: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
@@ -411,7 +460,7 @@ class Decoder(nn.Module):
         cos_BxTxH, sin_BxTxH = _rope_cos_sin(c, positions_BxT)
 
         block = Block
-        policy = _REMAT_POLICIES[c.remat_policy]
+        policy = None if self.decode else _REMAT_POLICIES[c.remat_policy]
         if policy is not None:
             # Under scan, CSE cannot merge the recomputation into the forward pass anyway.
             block = nn.remat(Block, policy=policy, prevent_cse=not c.scan_layers)
@@ -419,19 +468,24 @@ class Decoder(nn.Module):
         if c.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast,) * 4 + (0,),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxTxD, _ = stack(c, name="layers")(
-                x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, jnp.asarray(windows, jnp.int32)
+            x_BxTxD, _ = stack(c, self.decode, name="layers")(
+                x_BxTxD,
+                cos_BxTxH,
+                sin_BxTxH,
+                positions_BxT,
+                segment_ids_BxT,
+                jnp.asarray(windows, jnp.int32),
             )
         else:
             for i in range(c.num_layers):
-                x_BxTxD, _ = block(c, name=f"layers_{i}")(
-                    x_BxTxD, cos_BxTxH, sin_BxTxH, segment_ids_BxT, windows[i]
+                x_BxTxD, _ = block(c, self.decode, name=f"layers_{i}")(
+                    x_BxTxD, cos_BxTxH, sin_BxTxH, positions_BxT, segment_ids_BxT, windows[i]
                 )
         if not c.tie_word_embeddings:
             # Created here so init makes it; applied by `forward` / the chunked log-prob path.
@@ -473,15 +527,62 @@ def unembedding(config: ModelConfig, params: Params) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
-def forward(
-    config: ModelConfig, params: Params, tokens_BxT, positions_BxT=None, segment_ids_BxT=None
-) -> jax.Array:
-    """Full float32 logits [B, T, V], soft-capped when the config says so (eval and tests;
-    training uses the vocab-chunked path, which must apply config.final_logit_softcap too)."""
-    h_BxTxD = hidden_states(config, params, tokens_BxT, positions_BxT, segment_ids_BxT)
+def _logits(config: ModelConfig, params: Params, h_BxTxD: jax.Array) -> jax.Array:
     w_DxV = unembedding(config, params).astype(config.dtype)
     logits_BxTxV = jnp.einsum("BTD,DV->BTV", h_BxTxD, w_DxV, preferred_element_type=jnp.float32)
     if config.final_logit_softcap is not None:
         cap = config.final_logit_softcap
         logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
     return logits_BxTxV
+
+
+def forward(
+    config: ModelConfig, params: Params, tokens_BxT, positions_BxT=None, segment_ids_BxT=None
+) -> jax.Array:
+    """Full float32 logits [B, T, V], soft-capped when the config says so (eval and tests;
+    training uses the vocab-chunked path, which must apply config.final_logit_softcap too)."""
+    h_BxTxD = hidden_states(config, params, tokens_BxT, positions_BxT, segment_ids_BxT)
+    return _logits(config, params, h_BxTxD)
+
+
+Cache = Any  # {"layers": {"attn": {"k", "v": [L, B, S, K, H], "filled": [L, B, S]}}} when scanned
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
+    """An empty KV cache for `batch` rows of up to `max_len` positions (jit-able)."""
+    tokens_BxS = jnp.zeros((batch, max_len), jnp.int32)
+    decoder = Decoder(config, decode=True)
+    shapes = jax.eval_shape(
+        lambda: decoder.init(jax.random.key(0), tokens_BxS, tokens_BxS, tokens_BxS + 1)["cache"]
+    )
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+
+def decode_step(
+    config: ModelConfig,
+    params: Params,
+    cache: Cache,
+    tokens_BxT,
+    positions_BxT,
+    valid_BxT=None,
+    *,
+    last_only: bool = False,
+) -> tuple[jax.Array, Cache]:
+    """Runs T new tokens per row at their positions against the cache and adds them to it.
+
+    Prefill: the right-padded prompt buffer with valid_BxT marking its tokens; a step: one
+    token per row at the row's own length. Invalid tokens are neither cached nor seen, and
+    their logits are meaningless. Returns (float32 logits [B, T, V], or [B, 1, V] of each
+    row's last valid token with last_only (so a long prompt never makes [B, P, V]), cache).
+    """
+    tokens_BxT, positions_BxT = jnp.asarray(tokens_BxT), jnp.asarray(positions_BxT)
+    if valid_BxT is None:
+        valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    variables = {"params": nn.meta.unbox(params), "cache": cache}
+    h_BxTxD, updated = Decoder(config, decode=True).apply(
+        variables, tokens_BxT, positions_BxT, jnp.asarray(valid_BxT, jnp.int32), mutable=["cache"]
+    )
+    if last_only:
+        last_B = jnp.argmax(jnp.where(valid_BxT, positions_BxT, -1), axis=1)
+        h_BxTxD = jnp.take_along_axis(h_BxTxD, last_B[:, None, None], axis=1)
+    return _logits(config, params, h_BxTxD), updated["cache"]

@@ -34,19 +34,10 @@ def load_checker(name: str) -> Callable[[str], bool] | None:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from .jsonl ({"prompt": ...} per line) or a text file (one per line)."""
-    if not os.path.exists(path):
-        raise ValueError(f"config eval.sample_prompts_file={path!r}: file not found")
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    if path.endswith(".jsonl"):
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
-            prompts.append(record["prompt"])
-        return prompts
-    return [line.rstrip("\n") for line in lines]
+    try:
+        return generate.read_prompts(path)
+    except generate.GenerateError as error:
+        raise ValueError(f"config eval.sample_prompts_file: {error}") from None
 
 
 def sampling_from(config_eval) -> generate.SamplingConfig:
