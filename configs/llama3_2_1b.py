@@ -35,6 +35,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_seq_length = 2048  # prompt + completion tokens per sequence (row length)
     c.data.max_prompt_length = 1024  # prompts keep their last this-many tokens (0 = no limit)
     c.data.apply_chat_template = True  # render prompts as a user turn of the chat template
+    c.data.validation_files = ""  # more named eval sets: "name=path,name2=path2" -> eval/<name>/...
+    c.data.train_weights = ""  # mixture weights, one per train_file source ("" = concatenate)
+    c.data.format = "auto"  # auto | explicit | conversational | implicit | ranked | hh
+    c.data.fields = ""  # field-name mapping, e.g. "prompt=question,chosen=good,rejected=bad"
+    c.data.roles = ""  # role-name mapping, e.g. "human=user,gpt=assistant"
+    c.data.system_prompt = ""  # prepended as a system turn when the data has none
+    c.data.ranked_pairs = "best_worst"  # ranked completions -> pairs
+    c.data.ranked_ties = "error"  # error | skip: never a pair with equal ranks
+    c.data.truncation = "truncate"  # truncate | drop: what to do with over-long pairs
+    c.data.on_error = "raise"  # raise: stop at the first bad record; skip: count and go on
+    c.data.packing = False  # pack whole pairs into rows (segment ids) instead of padding
+    c.data.packed_rows = 0  # rows per micro-batch when packing (0 = automatic)
+    c.data.packed_pairs = 0  # pair slots per micro-batch when packing (0 = automatic)
+    c.data.bucket_lengths = ""  # padded row lengths: "" = max_seq_length, "auto", "128,256"
+    c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
+    c.data.num_proc = 0  # tokenization workers (0 = automatic)
+    c.data.cache_dir = ""  # tokenization cache ("" = default under ~/.cache, "none" = off)
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 64  # pairs per optimizer step (all devices, all micro-batches)

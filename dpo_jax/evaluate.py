@@ -108,7 +108,7 @@ def evaluate(
     )
     model_config = train.model_config_from(config)
     loss_config = train.loss_config_from(config)
-    data_config = train.data_config_from(config)
+    data_settings = data.settings_from_config(config.data, config.model.max_length)
     batch_size = int(batch_size or config.eval.batch_size)
     sharding.check_batch_rows(2 * batch_size, mesh, "eval batch size")
     eval_sets = parse_eval_sets(config, data_files)
@@ -119,7 +119,7 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eval_pairs = {
-        name: data.load_pairs(path, tokenizer, data_config)[0] for name, path in eval_sets.items()
+        name: data.load_pairs(path, tokenizer, data_settings)[0] for name, path in eval_sets.items()
     }
 
     # --- which checkpoint
@@ -153,16 +153,18 @@ def evaluate(
 
     result = {"step": int(step), "workdir": os.path.abspath(workdir), "sets": {}}
     for name, pairs in eval_pairs.items():
-        metrics = train.run_eval(
-            eval_fn,
-            params,
-            ref_params,
+        batches = data.eval_batches(
             pairs,
             batch_size=batch_size,
-            row_length=data_config.max_seq_length,
+            row_length=data_settings.max_seq_length,
             pad_id=pad_id,
-            mesh=mesh,
+            buckets=data.resolve_buckets(
+                data_settings.bucket_lengths, data_settings.max_seq_length
+            ),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
+        metrics = train.run_eval(eval_fn, params, ref_params, batches, mesh=mesh)
         metrics = {k: float(v) for k, v in metrics.items()}
         # rewards = β · (policy − reference) log-ratio, on the log-probs the loss saw
         # (per-token averages for averaged losses, reference ≡ 0 when reference-free).

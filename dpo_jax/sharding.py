@@ -109,18 +109,24 @@ def check_batch_rows(num_rows: int, mesh: Mesh, what: str) -> None:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, row_axis: int) -> dict[str, jax.Array]:
-    """Host numpy batch (global shape) → global jax.Arrays: row-level arrays are split over
-    the data-parallel axes, pair-level arrays (fewer dims) are replicated. Each process
-    transfers only the slices its own devices hold, so this is correct on many hosts."""
+    """This process's rows of a host batch → global jax.Arrays.
+
+    Row-level arrays hold only the rows of this process's devices (processes in order, each
+    an equal contiguous slice) and are split over the data-parallel axes; pair-level arrays
+    (fewer dims) are whole on every process and replicated.
+    """
     placed = {}
     for name, array in batch.items():
         if array.ndim > row_axis + 1:
-            sharding = batch_sharding(mesh, array.ndim, row_axis)
+            global_shape = list(array.shape)
+            global_shape[row_axis] *= jax.process_count()
+            placed[name] = jax.make_array_from_process_local_data(
+                batch_sharding(mesh, array.ndim, row_axis), array, tuple(global_shape)
+            )
         else:
-            sharding = replicated(mesh)
-        placed[name] = jax.make_array_from_callback(
-            array.shape, sharding, lambda index, array=array: array[index]
-        )
+            placed[name] = jax.make_array_from_callback(
+                array.shape, replicated(mesh), lambda index, array=array: array[index]
+            )
     return placed
 
 

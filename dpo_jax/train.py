@@ -100,20 +100,6 @@ def model_config_from(config) -> model.ModelConfig:
     )
 
 
-def data_config_from(config) -> data.DataConfig:
-    d = config.data
-    if d.max_seq_length > config.model.max_length:
-        raise ConfigError(
-            f"config data.max_seq_length={d.max_seq_length} exceeds model.max_length="
-            f"{config.model.max_length}; lower one or raise the other"
-        )
-    return data.DataConfig(
-        max_seq_length=int(d.max_seq_length),
-        max_prompt_length=int(d.max_prompt_length) if d.max_prompt_length else None,
-        apply_chat_template=bool(d.apply_chat_template),
-    )
-
-
 def build_optimizer(config, total_steps: int):
     t = config.training
     optim_config = optim.OptimConfig(
@@ -297,11 +283,10 @@ def device_memory_gb() -> float | None:
 # ----------------------------------------------------------------------- the loop
 
 
-def run_eval(eval_step, params, ref_params, pairs, *, batch_size, row_length, pad_id, mesh):
+def run_eval(eval_step, params, ref_params, batches, *, mesh):
+    """Means over every pair of `batches` (host eval batches of this process's rows)."""
     totals = None
-    for batch in data.eval_batches(
-        pairs, batch_size=batch_size, row_length=row_length, pad_id=pad_id
-    ):
+    for batch in batches:
         sums = eval_step(params, ref_params, sharding.put_batch(batch, mesh, row_axis=0))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     metrics = jax.device_get(finalize(totals))
@@ -327,41 +312,31 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     rules = tuple(tuple(r) for r in config.mesh.rules)
     model_config = model_config_from(config)
     loss_config = loss_config_from(config)
-    data_config = data_config_from(config)
+    data_settings = data.settings_from_config(config.data, config.model.max_length)
 
-    # --- data
+    # --- data: each process builds only the rows its own devices hold
     from transformers import AutoTokenizer  # heavy import, only where needed
 
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_pairs, train_counts = data.load_pairs(config.data.train_file, tokenizer, data_config)
-    eval_pairs = []
-    if config.data.validation_file:
-        eval_pairs, _ = data.load_pairs(config.data.validation_file, tokenizer, data_config)
     accumulation = int(t.gradient_accumulation_steps)
-    iterator = data.PairIterator(
-        train_pairs,
-        batch_size=t.batch_size,
-        accumulation_steps=accumulation,
-        row_length=data_config.max_seq_length,
-        pad_id=pad_id,
-        seed=t.seed,
-    )
     sharding.check_batch_rows(
         2 * t.batch_size // accumulation,
         mesh,
         "config training.batch_size / gradient_accumulation_steps",
     )
     sharding.check_batch_rows(2 * config.eval.batch_size, mesh, "config eval.batch_size")
-    total_steps = t.max_steps if t.max_steps > 0 else t.num_epochs * iterator.steps_per_epoch
-    data_report = {
-        "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs),
-        "train_counts": dict(train_counts),
-        "train_lengths": data.length_stats(train_pairs),
-        "steps_per_epoch": iterator.steps_per_epoch,
-        "total_steps": total_steps,
-    }
+    built = data.build_data(
+        data_settings,
+        tokenizer,
+        batch_size=t.batch_size,
+        accumulation_steps=accumulation,
+        seed=t.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator, eval_sets = built.train, built.evals
+    total_steps = t.max_steps if t.max_steps > 0 else iterator.total_steps(t.num_epochs)
+    data_report = built.report | {"total_steps": total_steps}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "data_report.json"), "w") as f:
             json.dump(data_report, f, indent=2)
@@ -435,23 +410,22 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     eval_metrics = {}
 
     def evaluate(step):
-        if not eval_pairs:
+        if not eval_sets:
             return
-        metrics = run_eval(
-            eval_fn,
-            state.params,
-            ref_params,
-            eval_pairs,
-            batch_size=config.eval.batch_size,
-            row_length=data_config.max_seq_length,
-            pad_id=pad_id,
-            mesh=mesh,
-        )
         eval_metrics.clear()
-        eval_metrics.update({f"eval/{k}": float(v) for k, v in metrics.items()})
+        for name, pairs in eval_sets.items():
+            metrics = run_eval(
+                eval_fn,
+                state.params,
+                ref_params,
+                iterator.eval_batches(pairs, config.eval.batch_size),
+                mesh=mesh,
+            )
+            prefix = f"eval/{name}/" if name else "eval/"
+            eval_metrics.update({prefix + k: float(v) for k, v in metrics.items()})
         writer.write(step, eval_metrics)
 
-    sampler = make_sampler(config, workdir, model_config, tokenizer, data_config)
+    sampler = make_sampler(config, workdir, model_config, tokenizer, data_settings)
 
     def sample(step):
         sample_metrics = sampler(step, state.params, ref_params)
@@ -479,7 +453,8 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     step = start_step
     while step < total_steps:
         host_batch = next(iterator)
-        window_tokens += int(np.count_nonzero(host_batch["segment_ids"]))
+        # This process's rows; the slices of all processes are of equal size.
+        window_tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
         state, metrics = step_fn(
             state, ref_params, sharding.put_batch(host_batch, mesh, row_axis=1)
         )

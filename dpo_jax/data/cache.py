@@ -25,7 +25,9 @@ def default_cache_dir() -> str:
 
 
 def cache_key(*parts) -> str:
-    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], default=str).encode()).hexdigest()[
+        :32
+    ]
 
 
 def load(cache_dir: str | None, key: str):
@@ -53,8 +55,9 @@ def save(cache_dir: str | None, key: str, table, meta: dict) -> None:
     temporary = f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(temporary)
     try:
-        feather.write_feather(table, os.path.join(temporary, "pairs.arrow"),
-                              compression="uncompressed")
+        feather.write_feather(
+            table, os.path.join(temporary, "pairs.arrow"), compression="uncompressed"
+        )
         with open(os.path.join(temporary, "meta.json"), "w") as f:
             json.dump(meta, f)
         os.rename(temporary, folder)

@@ -38,7 +38,7 @@ class Source:
 
 
 def split_list(value) -> list[str]:
-    """"a,b" or ["a", "b"] → ["a", "b"]; None and "" → []."""
+    """ "a,b" or ["a", "b"] → ["a", "b"]; None and "" → []."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
@@ -47,7 +47,7 @@ def split_list(value) -> list[str]:
 
 
 def parse_mapping(value, what: str) -> dict[str, str]:
-    """"k=v,k2=v2" or a mapping → {k: v} (config values that must survive CLI overrides)."""
+    """ "k=v,k2=v2" or a mapping → {k: v} (config values that must survive CLI overrides)."""
     if value is None or value == "":
         return {}
     if isinstance(value, Mapping) or hasattr(value, "items"):
@@ -100,7 +100,9 @@ def read_jsonl(path: str, problems: Problems) -> Records:
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                problems.add("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+                problems.add(
+                    "malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})"
+                )
 
 
 def read_json(path: str, problems: Problems) -> Records:
@@ -128,7 +130,9 @@ def read_json(path: str, problems: Problems) -> Records:
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(
+                f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            ) from None
         line += text.count("\n", counted, pos)
         counted = pos
         yield f"{path}:{line}", record

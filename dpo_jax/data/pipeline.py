@@ -7,22 +7,24 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from . import cache
-from .formats import Layout, normalise_records
+from .formats import LAYOUTS, SKIPPED_TIE, Example, Layout, detect
 from .iterator import PairIterator
-from .problems import DataError, Problems
+from .problems import DataError, Problems, RecordError
 from .sources import open_source, parse_mapping, resolve_source, split_list
 from .tokens import Lengths, Renderer, TokenizedPair, pairs_from_table, tokenize_examples
 from .tokens import tokenizer_fingerprint as tokenizer_fingerprint
 
 log = logging.getLogger("dpo_jax.data")
+DETECT_RECORDS = 100  # records looked at to detect a source's layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +53,15 @@ class DataSettings:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.format, self.fields, self.roles, self.system_prompt,
-                      self.ranked_pairs, self.ranked_ties, self.apply_chat_template)
+        return Layout(
+            self.format,
+            self.fields,
+            self.roles,
+            self.system_prompt,
+            self.ranked_pairs,
+            self.ranked_ties,
+            self.apply_chat_template,
+        )
 
     @property
     def lengths(self) -> Lengths:
@@ -104,6 +113,45 @@ def settings_from_config(d, model_max_length: int | None = None) -> DataSettings
 # ------------------------------------------------------------------------ one source
 
 
+def normalise_records(
+    records: Iterable[tuple[str, object]], layout: Layout, problems: Problems
+) -> tuple[list[Example], str, int]:
+    """(examples, layout used, number of records read); bad records go to `problems`."""
+    records = iter(records)
+    head = list(itertools.islice(records, DETECT_RECORDS))
+    fmt = layout.format
+    if fmt == "auto":
+        votes = Counter(f for _, r in head if (f := detect(r, layout)))
+        if not votes and head:
+            where, record = head[0]
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{where}: cannot tell the layout of {problems.source} (record has {keys}); "
+                "expected {prompt, chosen, rejected}, {chosen, rejected} or {context, "
+                "completions}: set data.format and map names with data.fields"
+            )
+        fmt = votes.most_common(1)[0][0] if votes else "explicit"
+    normalise = LAYOUTS[fmt]
+    examples, count = [], 0
+    for where, record in itertools.chain(head, records):
+        count += 1
+        try:
+            if not isinstance(record, dict):
+                raise RecordError(
+                    "not_object", f"expected a JSON object, got {type(record).__name__}"
+                )
+            normalised = normalise(where, record, layout)
+            examples.extend(e for e in normalised if e is not SKIPPED_TIE)
+            if ties := normalised.count(SKIPPED_TIE):
+                problems.skip("tie", ties)
+        except RecordError as e:
+            if e.reason == "tie" and layout.ranked_ties == "skip":
+                problems.skip("tie")
+            else:
+                problems.add(e.reason, where, e.message)
+    return examples, fmt, count
+
+
 def load_source(spec: str, tokenizer, settings: DataSettings, renderer: Renderer | None = None):
     """(pairs, report) of one source, through the cache."""
     renderer = renderer or Renderer(tokenizer, settings.apply_chat_template)
@@ -117,22 +165,33 @@ def load_source(spec: str, tokenizer, settings: DataSettings, renderer: Renderer
         problems.messages = meta["skipped_examples"]
         problems.counts, problems.policy = Counter(meta["errors"]), Counter(meta["policy"])
         problems.finish()  # warns again about skipped records
-        return pairs_from_table(table), meta["report"] | {"cache": "hit"}
+        return pairs_from_table(table), meta["report"] | {"source": spec, "cache": "hit"}
     examples, fmt, records = normalise_records(read(problems), settings.layout, problems)
+    records += problems.counts["malformed_json"] + problems.counts["invalid_utf8"]  # unparsed
     if settings.on_error == "raise":
         problems.finish()  # before spending time on tokenization
-    table, counts = tokenize_examples(examples, renderer, settings.lengths, problems,
-                                      settings.num_proc, fingerprint=key)
+    table, counts = tokenize_examples(
+        examples, renderer, settings.lengths, problems, settings.num_proc, fingerprint=key
+    )
     problems.finish()
     report = {
-        "source": spec, "format": fmt, "records": records, "pairs": len(table),
-        "truncated": {k.split(":")[1]: n for k, n in sorted(counts.items())
-                      if k.startswith("truncated:")},
-        "dropped": {k.split(":")[1]: n for k, n in sorted(counts.items())
-                    if k.startswith("dropped:")},
+        "source": spec,
+        "format": fmt,
+        "records": records,
+        "pairs": len(table),
+        "truncated": {
+            k.split(":")[1]: n for k, n in sorted(counts.items()) if k.startswith("truncated:")
+        },
+        "dropped": {
+            k.split(":")[1]: n for k, n in sorted(counts.items()) if k.startswith("dropped:")
+        },
     } | problems.report()
-    meta = {"report": report, "errors": problems.counts, "policy": problems.policy,
-            "skipped_examples": problems.messages}
+    meta = {
+        "report": report,
+        "errors": problems.counts,
+        "policy": problems.policy,
+        "skipped_examples": problems.messages,
+    }
     cache.save(settings.cache_dir, key, table, meta)
     return pairs_from_table(table), report | {"cache": "miss" if settings.cache_dir else "off"}
 
@@ -150,7 +209,9 @@ def set_report(pairs: Sequence[TokenizedPair], sources: list[dict]) -> dict:
     def stats(values):
         values = np.asarray(values)
         return {f"p{q}": int(np.percentile(values, q)) for q in (5, 50, 90, 99)} | {
-            "max": int(values.max()), "mean": round(float(values.mean()), 1)}
+            "max": int(values.max()),
+            "mean": round(float(values.mean()), 1),
+        }
 
     report = {"pairs": len(pairs), "sources": sources}
     if pairs:
@@ -204,8 +265,10 @@ def build_data(
         source_reports.append(report)
     weights = settings.train_weights
     if weights and len(weights) != len(sizes):
-        raise DataError(f"config data.train_weights has {len(weights)} weights for "
-                        f"{len(sizes)} sources in data.train_file")
+        raise DataError(
+            f"config data.train_weights has {len(weights)} weights for "
+            f"{len(sizes)} sources in data.train_file"
+        )
     evals, eval_reports = {}, {}
     for name, spec in settings.validation_sources:
         pairs, report = load_source(spec, tokenizer, settings, renderer)
@@ -216,14 +279,20 @@ def build_data(
     from .batching import resolve_buckets
 
     iterator = PairIterator(
-        train_pairs, batch_size=batch_size, accumulation_steps=accumulation_steps,
-        row_length=settings.max_seq_length, pad_id=pad_token_id(tokenizer), seed=seed,
-        shuffle=settings.shuffle, buckets=resolve_buckets(settings.bucket_lengths,
-                                                          settings.max_seq_length),
-        packing=settings.packing, packed_rows=settings.packed_rows,
+        train_pairs,
+        batch_size=batch_size,
+        accumulation_steps=accumulation_steps,
+        row_length=settings.max_seq_length,
+        pad_id=pad_token_id(tokenizer),
+        seed=seed,
+        shuffle=settings.shuffle,
+        buckets=resolve_buckets(settings.bucket_lengths, settings.max_seq_length),
+        packing=settings.packing,
+        packed_rows=settings.packed_rows,
         packed_pairs=settings.packed_pairs,
         sources=list(zip(sizes, weights, strict=True)) if weights else None,
-        process_index=process_index, process_count=process_count,
+        process_index=process_index,
+        process_count=process_count,
     )
     train_report = set_report(train_pairs, source_reports)
     if weights:

@@ -83,8 +83,9 @@ def padded_batch(
         batch["pair_mask"][p] = True
         for side, completion in enumerate((pair.chosen, pair.rejected)):
             if start <= 2 * p + side < stop:
-                write_sequence(batch, 2 * p + side - start, 0, 1, 2 * p + side, pair.prompt,
-                               completion)
+                write_sequence(
+                    batch, 2 * p + side - start, 0, 1, 2 * p + side, pair.prompt, completion
+                )
     return batch
 
 
@@ -108,7 +109,10 @@ def resolve_buckets(spec, max_seq_length: int) -> tuple[int, ...]:
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
-    return next(b for b in buckets if b >= length)
+    for bucket in buckets:
+        if bucket >= length:
+            return bucket
+    raise DataError(f"a sequence of {length} tokens is longer than the row length {buckets[-1]}")
 
 
 # --------------------------------------------------------------------------- packing
@@ -179,8 +183,9 @@ def fill_packed(
         for side, (row, offset, segment) in enumerate(slots):
             if start <= row < stop:
                 completion = pair.rejected if side else pair.chosen
-                write_sequence(batch, row - start, offset, segment, 2 * p + side, pair.prompt,
-                               completion)
+                write_sequence(
+                    batch, row - start, offset, segment, 2 * p + side, pair.prompt, completion
+                )
     return batch
 
 
@@ -192,16 +197,24 @@ def packed_batch(
     Raises DataError when they do not fit."""
     chosen = np.array([n for n, _ in (p.lengths for p in pairs)])
     rejected = np.array([n for _, n in (p.lengths for p in pairs)])
-    (plan,), left = pack_step(range(len(pairs)), chosen, rejected, micro_batches=1,
-                              rows=num_rows, row_length=row_length, pair_slots=num_pairs)
+    (plan,), left = pack_step(
+        range(len(pairs)),
+        chosen,
+        rejected,
+        micro_batches=1,
+        rows=num_rows,
+        row_length=row_length,
+        pair_slots=num_pairs,
+    )
     if left:
         raise DataError(
             f"packing: {2 * len(pairs)} sequences do not fit in {num_rows} rows of "
             f"{row_length} tokens"
         )
     plan = sorted(plan)  # slot p = pair p, as in padded_batch
-    return fill_packed(plan, pairs, num_rows=num_rows, row_length=row_length,
-                       num_pairs=num_pairs, pad_id=pad_id)
+    return fill_packed(
+        plan, pairs, num_rows=num_rows, row_length=row_length, num_pairs=num_pairs, pad_id=pad_id
+    )
 
 
 def stack_batches(batches: Sequence[dict]) -> dict:

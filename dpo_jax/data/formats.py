@@ -26,16 +26,13 @@ import dataclasses
 import itertools
 import os
 import re
-from collections import Counter
-from collections.abc import Iterable
 
-from .problems import DataError, Problems, RecordError
+from .problems import DataError, RecordError
 
 FORMATS = ("auto", "explicit", "implicit", "ranked", "hh")
 ROLES = ("system", "user", "assistant")
 Text = str | list[dict]
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_DETECT_RECORDS = 100  # records looked at to detect a source's layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +69,13 @@ class Example:
 # ---------------------------------------------------------------------- fields
 
 
+def check_different(chosen, rejected) -> None:
+    if chosen == rejected:
+        raise RecordError(
+            "identical", "'chosen' and 'rejected' are identical; a pair needs two sides"
+        )
+
+
 def field(record: dict, layout: Layout, name: str, required: bool = True):
     key = layout.key(name)
     value = record.get(key)
@@ -82,7 +86,9 @@ def field(record: dict, layout: Layout, name: str, required: bool = True):
 
 def text(value, label: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise RecordError("wrong_type", f"field {label!r} must be a string, got {type(value).__name__}")
+        raise RecordError(
+            "wrong_type", f"field {label!r} must be a string, got {type(value).__name__}"
+        )
     if not allow_empty and not value.strip():
         raise RecordError("empty_field", f"field {label!r} is empty")
     return value
@@ -107,8 +113,8 @@ def messages(value, label: str, layout: Layout, default_role: str) -> list[dict]
         at = f"{label}[{i}]"
         if not isinstance(message, dict):
             raise RecordError(
-                "wrong_type", f"field {at!r} must be a {{role, content}} message, got "
-                f"{type(message).__name__}"
+                "wrong_type",
+                f"field {at!r} must be a {{role, content}} message, got {type(message).__name__}",
             )
         role = message.get(role_key)
         if role is None:
@@ -116,8 +122,9 @@ def messages(value, label: str, layout: Layout, default_role: str) -> list[dict]
         role = roles.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise RecordError(
-                "unknown_role", f"field '{at}.{role_key}': unknown role {role!r} (expected "
-                "system, user or assistant; map other names with data.roles)"
+                "unknown_role",
+                f"field '{at}.{role_key}': unknown role {role!r} (expected "
+                "system, user or assistant; map other names with data.roles)",
             )
         content = message.get(content_key)
         if content is None:
@@ -133,8 +140,11 @@ def check_turns(msgs: list[dict], label: str, first: str, last: str) -> None:
     for i in range(start, len(msgs)):
         role = msgs[i]["role"]
         if role != expected:
-            why = "a system message may only come first" if role == "system" else (
-                "turns must alternate user / assistant")
+            why = (
+                "a system message may only come first"
+                if role == "system"
+                else ("turns must alternate user / assistant")
+            )
             raise RecordError(
                 "non_alternating",
                 f"field '{label}[{i}]' is a {role!r} turn where {expected!r} is expected ({why})",
@@ -151,8 +161,7 @@ def with_system(prompt: list[dict], system: str) -> list[dict]:
 
 
 def finish(where, prompt, chosen, rejected, layout: Layout, record: dict) -> Example:
-    if chosen == rejected:
-        raise RecordError("identical", "'chosen' and 'rejected' are identical; a pair needs two sides")
+    check_different(chosen, rejected)
     system = field(record, layout, "system", required=False)
     system = text(system, layout.key("system"), allow_empty=True) if system is not None else ""
     system = system or layout.system_prompt
@@ -180,8 +189,11 @@ def explicit(where, record, layout) -> list[Example]:
     values = [field(record, layout, n) for n in ("prompt", "chosen", "rejected")]
     if not any(isinstance(v, list | dict) for v in values):
         prompt = text(values[0], keys[0], allow_empty=True)
-        return [finish(where, prompt, text(values[1], keys[1]), text(values[2], keys[2]),
-                       layout, record)]
+        return [
+            finish(
+                where, prompt, text(values[1], keys[1]), text(values[2], keys[2]), layout, record
+            )
+        ]
     prompt = messages(values[0], keys[0], layout, "user")
     check_turns(prompt, keys[0], "user", "user")
     sides = []
@@ -192,8 +204,7 @@ def explicit(where, record, layout) -> list[Example]:
 
 
 def split_conversations(chosen: list[dict], rejected: list[dict], keys) -> tuple:
-    if chosen == rejected:
-        raise RecordError("identical", "'chosen' and 'rejected' are identical; a pair needs two sides")
+    check_different(chosen, rejected)
     k = 0
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
@@ -202,7 +213,8 @@ def split_conversations(chosen: list[dict], rejected: list[dict], keys) -> tuple
             raise RecordError("empty_field", f"field {key!r} has no turns after the shared prompt")
     if chosen[k]["role"] != "assistant" or rejected[k]["role"] != "assistant":
         raise RecordError(
-            "non_alternating", f"'chosen' and 'rejected' first differ at turn {k}, which is not "
+            "non_alternating",
+            f"'chosen' and 'rejected' first differ at turn {k}, which is not "
             "an assistant turn; the shared prompt must end with a user turn",
         )
     return chosen[:k], chosen[k:], rejected[k:]
@@ -210,8 +222,7 @@ def split_conversations(chosen: list[dict], rejected: list[dict], keys) -> tuple
 
 def split_strings(chosen: str, rejected: str, keys) -> tuple[str, str, str]:
     """The shared prefix, cut back to before the word (and whitespace) where they differ."""
-    if chosen == rejected:
-        raise RecordError("identical", "'chosen' and 'rejected' are identical; a pair needs two sides")
+    check_different(chosen, rejected)
     cut = len(os.path.commonprefix([chosen, rejected]))
     while cut > 0 and not chosen[cut - 1].isspace():
         cut -= 1
@@ -227,8 +238,14 @@ def implicit(where, record, layout) -> list[Example]:
     keys = (layout.key("chosen"), layout.key("rejected"))
     chosen, rejected = field(record, layout, "chosen"), field(record, layout, "rejected")
     if isinstance(chosen, str) and isinstance(rejected, str):
-        return [finish(where, *split_strings(text(chosen, keys[0]), text(rejected, keys[1]),
-                                             keys), layout, record)]
+        return [
+            finish(
+                where,
+                *split_strings(text(chosen, keys[0]), text(rejected, keys[1]), keys),
+                layout,
+                record,
+            )
+        ]
     sides = []
     for key, value in zip(keys, (chosen, rejected), strict=True):
         sides.append(messages(value, key, layout, "assistant"))
@@ -237,10 +254,14 @@ def implicit(where, record, layout) -> list[Example]:
 
 
 def parse_hh(transcript, key: str) -> list[dict]:
-    parts = _HH_TURN.split(text(transcript, key))
+    transcript = text(transcript, key)
+    if transcript.startswith("Human:"):  # a variant without the leading blank line
+        transcript = "\n\n" + transcript
+    parts = _HH_TURN.split(transcript)
     if parts[0].strip() or len(parts) < 3:
-        raise RecordError("wrong_type", f"field {key!r} is not a '\\n\\nHuman: …\\n\\nAssistant: …' "
-                          "transcript")
+        raise RecordError(
+            "wrong_type", f"field {key!r} is not a '\\n\\nHuman: …\\n\\nAssistant: …' transcript"
+        )
     turns = [
         {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
         for role, content in zip(parts[1::2], parts[2::2], strict=True)
@@ -277,8 +298,9 @@ def ranked(where, record, layout) -> list[Example]:
     context = field(record, layout, "context")
     items = field(record, layout, "completions")
     if not isinstance(items, list):
-        raise RecordError("wrong_type", f"field {completions_key!r} must be a list, got "
-                          f"{type(items).__name__}")
+        raise RecordError(
+            "wrong_type", f"field {completions_key!r} must be a list, got {type(items).__name__}"
+        )
     if len(items) < 2:
         raise RecordError("empty_field", f"field {completions_key!r} needs at least 2 completions")
     ranks, completions = [], []
@@ -296,8 +318,9 @@ def ranked(where, record, layout) -> list[Example]:
             raise RecordError("missing_field", f"field {at!r} has no {completion_key!r}")
         ranks.append(rank)
         completions.append((completion, f"{at}.{completion_key}"))
-    conversational = isinstance(context, list) or any(isinstance(c, list | dict)
-                                                      for c, _ in completions)
+    conversational = isinstance(context, list) or any(
+        isinstance(c, list | dict) for c, _ in completions
+    )
     if conversational:
         prompt = messages(context, context_key, layout, "user")
         check_turns(prompt, context_key, "user", "user")
@@ -316,8 +339,11 @@ def ranked(where, record, layout) -> list[Example]:
         candidates = list(itertools.combinations(order, 2))
         tied = any(ranks[a] == ranks[b] for a, b in candidates)
     if tied and (layout.ranked_ties == "error" or layout.ranked_pairs == "best_worst"):
-        raise RecordError("tie", f"field {completions_key!r}: equal ranks {ranks} (set "
-                          "data.ranked_ties='skip' to leave tied completions out)")
+        raise RecordError(
+            "tie",
+            f"field {completions_key!r}: equal ranks {ranks} (set "
+            "data.ranked_ties='skip' to leave tied completions out)",
+        )
     examples = []
     for a, b in candidates:
         if ranks[a] == ranks[b]:
@@ -342,43 +368,6 @@ def detect(record, layout: Layout) -> str | None:
         if has("prompt"):
             return "explicit"
         chosen = record[layout.key("chosen")]
-        return "hh" if isinstance(chosen, str) and chosen.startswith("\n\nHuman:") else "implicit"
+        hh = isinstance(chosen, str) and chosen.startswith(("\n\nHuman:", "Human:"))
+        return "hh" if hh else "implicit"
     return None
-
-
-def normalise_records(
-    records: Iterable[tuple[str, object]], layout: Layout, problems: Problems
-) -> tuple[list[Example], str, int]:
-    """(examples, layout used, number of records read); bad records go to `problems`."""
-    records = iter(records)
-    head = list(itertools.islice(records, _DETECT_RECORDS))
-    fmt = layout.format
-    if fmt == "auto":
-        votes = Counter(f for _, r in head if (f := detect(r, layout)))
-        if not votes and head:
-            where, record = head[0]
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(
-                f"{where}: cannot tell the layout of {problems.source} (record has {keys}); "
-                "expected {prompt, chosen, rejected}, {chosen, rejected} or {context, "
-                "completions}: set data.format and map names with data.fields"
-            )
-        fmt = votes.most_common(1)[0][0] if votes else "explicit"
-    normalise = LAYOUTS[fmt]
-    examples, count = [], 0
-    for where, record in itertools.chain(head, records):
-        count += 1
-        try:
-            if not isinstance(record, dict):
-                raise RecordError("not_object",
-                                  f"expected a JSON object, got {type(record).__name__}")
-            normalised = normalise(where, record, layout)
-            examples.extend(e for e in normalised if e is not SKIPPED_TIE)
-            if (ties := normalised.count(SKIPPED_TIE)):
-                problems.skip("tie", ties)
-        except RecordError as e:
-            if e.reason == "tie" and layout.ranked_ties == "skip":
-                problems.skip("tie")
-            else:
-                problems.add(e.reason, where, e.message)
-    return examples, fmt, count

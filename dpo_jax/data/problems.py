@@ -9,6 +9,7 @@ reason, and reported in the data report and a warning; nothing disappears unrepo
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 ON_ERROR = ("raise", "skip")
@@ -31,6 +32,12 @@ REASONS = {
     "empty_prompt": "an empty prompt and a tokenizer without BOS: nothing to condition on",
     "too_long": "longer than data.max_seq_length / max_prompt_length (truncation='error')",
 }
+
+
+def location_order(message: str) -> list:
+    """Natural order of "file:line: ..." messages (line 9 before line 10)."""
+    where = message.split(": ", 1)[0]
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", where)]
 
 
 class DataError(ValueError):
@@ -76,18 +83,23 @@ class Problems:
         """Raises every collected problem (on_error="raise") or warns about the skips."""
         if not self.counts:
             return
+        # Reading finds malformed lines ahead of the records being validated: file order.
+        self.messages.sort(key=location_order)
         total = sum(self.counts.values())
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items()))
         shown = "\n  ".join(self.messages)
-        more = "" if total <= len(self.messages) else f"\n  ... and {total - len(self.messages)} more"
+        more = (
+            "" if total <= len(self.messages) else f"\n  ... and {total - len(self.messages)} more"
+        )
         if self.on_error == "raise":
             raise DataError(
                 f"{self.messages[0]}\n{total} bad record(s) in {self.source} ({counts}):\n  "
                 f"{shown}{more}\nfix the data, map field names with data.fields, or set "
                 "data.on_error='skip' to skip and count them"
             )
-        log.warning("skipped %d bad record(s) in %s (%s):\n  %s%s", total, self.source, counts,
-                    shown, more)
+        log.warning(
+            "skipped %d bad record(s) in %s (%s):\n  %s%s", total, self.source, counts, shown, more
+        )
 
     def report(self) -> dict:
         skipped = self.counts + self.policy

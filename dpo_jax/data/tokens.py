@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 
@@ -73,10 +75,12 @@ class Renderer:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos_token; completions must end with one")
         self.tokenizer, self.chat = tokenizer, chat
-        self.eos, self.eos_id, self.bos_id = tokenizer.eos_token, tokenizer.eos_token_id, None
-        if tokenizer.bos_token_id is not None:
+        self.eos, self.eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id  # kept at the front of truncated prompts
+        self.add_bos = False  # whether the tokenizer adds one of its own: then prompts need it
+        if self.bos_id is not None:
             probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-            self.bos_id = tokenizer.bos_token_id if probe[:1] == [tokenizer.bos_token_id] else None
+            self.add_bos = probe[:1] == [self.bos_id]
 
     def texts(self, example: Example) -> tuple[str, str, str]:
         if not self.chat:
@@ -102,13 +106,20 @@ class Renderer:
             completions.append(completion)
         return prompt, *completions
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # what tokenizer(...) runs, minus its overhead and warnings
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
     def encode(self, prompts: list[str], completions: list[str]) -> tuple[list, list]:
-        tokenize = functools.partial(self.tokenizer, add_special_tokens=False)
-        prompt_ids = tokenize(prompts)["input_ids"] if prompts else []
-        completion_ids = tokenize(completions)["input_ids"] if completions else []
+        prompt_ids, completion_ids = self.tokenize(prompts), self.tokenize(completions)
         bos, eos = self.bos_id, self.eos_id
         for i, ids in enumerate(prompt_ids):
-            if bos is not None:
+            if self.add_bos:
                 ids = ids if ids[:1] == [bos] else [bos, *ids]
                 while ids[:2] == [bos, bos]:
                     ids = ids[1:]
@@ -125,16 +136,21 @@ def truncate(p: list, c: list, r: list, lengths: Lengths, bos_id: int | None):
     error = lengths.truncation == "error"
     if limit and len(p) > limit:
         if error:
-            raise RecordError("too_long", f"field 'prompt' has {len(p)} tokens, more than "
-                              f"data.max_prompt_length={limit}")
+            raise RecordError(
+                "too_long",
+                f"field 'prompt' has {len(p)} tokens, more than data.max_prompt_length={limit}",
+            )
         keep_bos = bos_id is not None and p[0] == bos_id and limit > 1
         p = [bos_id, *p[len(p) - limit + 1 :]] if keep_bos else p[len(p) - limit :]
         counts.append("truncated:prompt")
     room = total - len(p)
     for name, side in (("chosen", c), ("rejected", r)):
         if error and len(side) > room:
-            raise RecordError("too_long", f"prompt + {name} have {len(p) + len(side)} tokens, "
-                              f"more than data.max_seq_length={total}")
+            raise RecordError(
+                "too_long",
+                f"prompt + {name} have {len(p) + len(side)} tokens, "
+                f"more than data.max_seq_length={total}",
+            )
     if room < 1:
         return None
     if len(c) > room or len(r) > room:
@@ -144,11 +160,24 @@ def truncate(p: list, c: list, r: list, lengths: Lengths, bos_id: int | None):
 
 def tokenize_batch(batch: dict, *, renderer: Renderer, lengths: Lengths) -> dict:
     """datasets.map function: JSON-encoded examples → ids and a status per row."""
+    # Everything allocated here is acyclic; a cyclic collection would only walk the large
+    # heap of examples (each full collection costs its size: quadratic time overall).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _tokenize_batch(batch, renderer, lengths)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _tokenize_batch(batch: dict, renderer: Renderer, lengths: Lengths) -> dict:
     n = len(batch["where"])
     status, prompts, completions, ok = [""] * n, [], [], []
     for i in range(n):
-        example = Example(batch["where"][i], *(json.loads(batch[k][i])
-                                               for k in ("prompt", "chosen", "rejected")))
+        example = Example(
+            batch["where"][i], *(json.loads(batch[k][i]) for k in ("prompt", "chosen", "rejected"))
+        )
         try:
             prompt, chosen, rejected = renderer.texts(example)
         except RecordError as e:
@@ -163,8 +192,11 @@ def tokenize_batch(batch: dict, *, renderer: Renderer, lengths: Lengths) -> dict
         p, c, r = prompt_ids[j], completion_ids[2 * j], completion_ids[2 * j + 1]
         try:
             if not p:
-                raise RecordError("empty_prompt", "empty prompt and the tokenizer adds no BOS: "
-                                  "the first completion token has nothing to be predicted from")
+                raise RecordError(
+                    "empty_prompt",
+                    "empty prompt and the tokenizer adds no BOS: "
+                    "the first completion token has nothing to be predicted from",
+                )
             kept = truncate(p, c, r, lengths, renderer.bos_id)
         except RecordError as e:
             status[i] = f"error:{e.reason}:{e.message}"
@@ -178,21 +210,35 @@ def tokenize_batch(batch: dict, *, renderer: Renderer, lengths: Lengths) -> dict
 
 
 @contextlib.contextmanager
-def quiet_datasets():
+def quiet_datasets(num_proc: int):
+    """No progress bars; worker processes started by spawn, not fork, once JAX is loaded
+    (forking a process whose JAX runtime runs threads can deadlock the child)."""
     import datasets
+    import multiprocess
 
     enabled = datasets.is_progress_bar_enabled()
+    method = multiprocess.get_start_method(allow_none=True)
     datasets.disable_progress_bars()
+    if num_proc > 1 and "jax" in sys.modules:
+        multiprocess.set_start_method("spawn", force=True)
+    gc.freeze()  # forked workers then never walk (and copy) the parent's objects
     try:
         yield
     finally:
+        gc.unfreeze()
         if enabled:
             datasets.enable_progress_bars()
+        if multiprocess.get_start_method(allow_none=True) != method:
+            multiprocess.set_start_method(method, force=True)
 
 
 def tokenize_examples(
-    examples: Sequence[Example], renderer: Renderer, lengths: Lengths, problems: Problems,
-    num_proc: int = 0, fingerprint: str | None = None,
+    examples: Sequence[Example],
+    renderer: Renderer,
+    lengths: Lengths,
+    problems: Problems,
+    num_proc: int = 0,
+    fingerprint: str | None = None,
 ):
     """Tokenizes through datasets.map (num_proc workers; 0 = automatic). Returns an Arrow
     table of the kept pairs (where, prompt_ids, chosen_ids, rejected_ids) and counts of
@@ -201,27 +247,41 @@ def tokenize_examples(
     import pyarrow as pa
 
     ids = datasets.List(datasets.Value("int32"))
-    features = datasets.Features({"where": datasets.Value("string"), "status":
-                                  datasets.Value("string"), "prompt_ids": ids,
-                                  "chosen_ids": ids, "rejected_ids": ids})
+    features = datasets.Features(
+        {
+            "where": datasets.Value("string"),
+            "status": datasets.Value("string"),
+            "prompt_ids": ids,
+            "chosen_ids": ids,
+            "rejected_ids": ids,
+        }
+    )
     columns = {"where": [e.where for e in examples]} | {
         k: [json.dumps(getattr(e, k), ensure_ascii=False) for e in examples]
         for k in ("prompt", "chosen", "rejected")
     }
+    if not examples:
+        empty = {name: [] for name in features if name != "status"}
+        return pa.Table.from_pydict(empty, schema=features.arrow_schema.remove(1)), Counter()
     if num_proc <= 0:
         num_proc = min(os.cpu_count() or 1, 8) if len(examples) >= _AUTO_PROC_MIN_EXAMPLES else 1
     num_proc = max(1, min(num_proc, len(examples) // 1000 or 1))
     function = functools.partial(tokenize_batch, renderer=renderer, lengths=lengths)
-    with quiet_datasets():
+    with quiet_datasets(num_proc):
         mapped = datasets.Dataset.from_dict(columns).map(
-            function, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=["prompt", "chosen", "rejected"], features=features,
+            function,
+            batched=True,
+            batch_size=500,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=["prompt", "chosen", "rejected"],
+            features=features,
             new_fingerprint=fingerprint or hashlib.sha256(os.urandom(8)).hexdigest()[:16],
         )
     table = mapped.data.table
     counts, keep = Counter(), np.zeros(len(table), bool)
-    for i, (where, status) in enumerate(zip(table["where"].to_pylist(),
-                                            table["status"].to_pylist(), strict=True)):
+    for i, (where, status) in enumerate(
+        zip(table["where"].to_pylist(), table["status"].to_pylist(), strict=True)
+    ):
         if status.startswith("error:"):
             _, reason, message = status.split(":", 2)
             problems.add(reason, where, message)
@@ -254,8 +314,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([
-        type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token,
-        tokenizer.eos_token, tokenizer("a b", add_special_tokens=True)["input_ids"],
-    ], default=str).encode())
+    h.update(
+        json.dumps(
+            [
+                type(tokenizer).__name__,
+                tokenizer.chat_template,
+                tokenizer.bos_token,
+                tokenizer.eos_token,
+                tokenizer("a b", add_special_tokens=True)["input_ids"],
+            ],
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()

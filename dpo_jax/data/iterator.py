@@ -34,8 +34,10 @@ def mixture_quotas(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     (largest remainders, so the quotas add up exactly)."""
     total, weight = sum(sizes), float(sum(weights))
     if len(weights) != len(sizes) or weight <= 0 or min(weights) < 0:
-        raise DataError(f"config data.train_weights={list(weights)}: need one non-negative "
-                        f"weight per training source ({len(sizes)}), not all zero")
+        raise DataError(
+            f"config data.train_weights={list(weights)}: need one non-negative "
+            f"weight per training source ({len(sizes)}), not all zero"
+        )
     exact = [total * w / weight for w in weights]
     quotas = [math.floor(x) for x in exact]
     for i in sorted(range(len(exact)), key=lambda i: quotas[i] - exact[i])[: total - sum(quotas)]:
@@ -79,24 +81,32 @@ class PairIterator:
         self.sources = list(sources) if sources else None
         if self.sources and sum(n for n, _ in self.sources) != len(pairs):
             raise ValueError("sources must add up to the number of pairs")
-        self.quotas = (mixture_quotas([n for n, _ in self.sources], [w for _, w in self.sources])
-                       if self.sources else [len(pairs)])
+        self.quotas = (
+            mixture_quotas([n for n, _ in self.sources], [w for _, w in self.sources])
+            if self.sources
+            else [len(pairs)]
+        )
         self.chosen_lengths = np.array([len(p.prompt) + len(p.chosen) for p in pairs], np.int64)
         self.rejected_lengths = np.array([len(p.prompt) + len(p.rejected) for p in pairs], np.int64)
         micro = batch_size // accumulation_steps
         if packing:
             self.rows = packed_rows or 2 * micro
             mean_pair = float((self.chosen_lengths + self.rejected_lengths).mean()) if pairs else 1
-            self.pair_slots = packed_pairs or -(-int(1.5 * self.rows * row_length / mean_pair) // 8) * 8
+            self.pair_slots = (
+                packed_pairs or -(-int(1.5 * self.rows * row_length / mean_pair) // 8) * 8
+            )
         else:
             self.rows, self.pair_slots = 2 * micro, micro
             if len(pairs) < batch_size:
-                raise DataError(f"training data has {len(pairs)} pairs, fewer than "
-                                f"training.batch_size={batch_size}")
+                raise DataError(
+                    f"training data has {len(pairs)} pairs, fewer than "
+                    f"training.batch_size={batch_size}"
+                )
         self.row_range = process_rows(self.rows, process_index, process_count)
         self.epoch = 0
         self.index = 0  # steps already taken from this epoch
         self._plan: tuple[int, list] | None = None  # (epoch, packed steps) of the last epoch
+        self._steps: dict[int, int] = {}  # packed steps per epoch
 
     # ------------------------------------------------------------------- order and plan
 
@@ -108,8 +118,9 @@ class PairIterator:
         for s, ((size, _), quota) in enumerate(zip(self.sources, self.quotas, strict=True)):
             source_rng = np.random.default_rng([self.seed, epoch, s])
             repeats = -(-quota // size) if size else 0
-            drawn = np.concatenate([source_rng.permutation(size) for _ in range(repeats)] or
-                                   [np.zeros(0, np.int64)])
+            drawn = np.concatenate(
+                [source_rng.permutation(size) for _ in range(repeats)] or [np.zeros(0, np.int64)]
+            )
             parts.append(start + drawn[:quota])
             start += size
         order = np.concatenate(parts)
@@ -122,26 +133,33 @@ class PairIterator:
         order = list(self.epoch_order(epoch))
         capacity = self.accumulation_steps * self.rows * self.row_length
         mean_pair = float((self.chosen_lengths + self.rejected_lengths).mean())
-        window_size = min(self.accumulation_steps * self.pair_slots,
-                          int(1.5 * capacity / mean_pair) + 8)
+        window_size = min(
+            self.accumulation_steps * self.pair_slots, int(1.5 * capacity / mean_pair) + 8
+        )
         steps, waiting, next_pair = [], [], 0
         while waiting or next_pair < len(order):
             take = window_size - len(waiting)
             waiting += order[next_pair : next_pair + take]
             next_pair += take
             plan, waiting = pack_step(
-                waiting, self.chosen_lengths, self.rejected_lengths,
-                micro_batches=self.accumulation_steps, rows=self.rows,
-                row_length=self.row_length, pair_slots=self.pair_slots,
+                waiting,
+                self.chosen_lengths,
+                self.rejected_lengths,
+                micro_batches=self.accumulation_steps,
+                rows=self.rows,
+                row_length=self.row_length,
+                pair_slots=self.pair_slots,
             )
             steps.append(plan)
         self._plan = (epoch, steps)
         return steps
 
     def steps_in_epoch(self, epoch: int) -> int:
-        if self.packing:
-            return len(self.packed_plan(epoch))
-        return sum(self.quotas) // self.batch_size
+        if not self.packing:
+            return sum(self.quotas) // self.batch_size
+        if epoch not in self._steps:  # plans are rebuilt on demand; their lengths are kept
+            self._steps[epoch] = len(self.packed_plan(epoch))
+        return self._steps[epoch]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -153,10 +171,22 @@ class PairIterator:
     # ------------------------------------------------------------------------- position
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps([
-            self.seed, self.shuffle, self.batch_size, self.accumulation_steps, self.row_length,
-            self.buckets, self.packing, self.rows, self.pair_slots, self.sources,
-        ]).encode())
+        h = hashlib.sha256(
+            json.dumps(
+                [
+                    self.seed,
+                    self.shuffle,
+                    self.batch_size,
+                    self.accumulation_steps,
+                    self.row_length,
+                    self.buckets,
+                    self.packing,
+                    self.rows,
+                    self.pair_slots,
+                    self.sources,
+                ]
+            ).encode()
+        )
         h.update(self.chosen_lengths.tobytes() + self.rejected_lengths.tobytes())
         return h.hexdigest()[:16]
 
@@ -184,19 +214,37 @@ class PairIterator:
 
     def build_step(self, epoch: int, index: int) -> dict:
         if self.packing:
-            return stack_batches([
-                fill_packed(plan, self.pairs, num_rows=self.rows, row_length=self.row_length,
-                            num_pairs=self.pair_slots, pad_id=self.pad_id, rows=self.row_range)
-                for plan in self.packed_plan(epoch)[index]
-            ])
+            return stack_batches(
+                [
+                    fill_packed(
+                        plan,
+                        self.pairs,
+                        num_rows=self.rows,
+                        row_length=self.row_length,
+                        num_pairs=self.pair_slots,
+                        pad_id=self.pad_id,
+                        rows=self.row_range,
+                    )
+                    for plan in self.packed_plan(epoch)[index]
+                ]
+            )
         micro = self.step_pairs(epoch, index)
-        longest = max(max(self.chosen_lengths[i], self.rejected_lengths[i]) for m in micro for i in m)
+        longest = max(
+            max(self.chosen_lengths[i], self.rejected_lengths[i]) for m in micro for i in m
+        )
         row_length = bucket_for(int(longest), self.buckets)
-        return stack_batches([
-            padded_batch([self.pairs[i] for i in m], self.pair_slots, row_length, self.pad_id,
-                         rows=self.row_range)
-            for m in micro
-        ])
+        return stack_batches(
+            [
+                padded_batch(
+                    [self.pairs[i] for i in m],
+                    self.pair_slots,
+                    row_length,
+                    self.pad_id,
+                    rows=self.row_range,
+                )
+                for m in micro
+            ]
+        )
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -210,9 +258,15 @@ class PairIterator:
 
     def eval_batches(self, pairs: Sequence[TokenizedPair], batch_size: int) -> Iterator[dict]:
         """eval_batches with this stream's row length, buckets, padding and process slice."""
-        return eval_batches(pairs, batch_size=batch_size, row_length=self.row_length,
-                            pad_id=self.pad_id, buckets=self.buckets,
-                            process_index=self.process_index, process_count=self.process_count)
+        return eval_batches(
+            pairs,
+            batch_size=batch_size,
+            row_length=self.row_length,
+            pad_id=self.pad_id,
+            buckets=self.buckets,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
 
     # ----------------------------------------------------------------------- statistics
 
@@ -240,8 +294,11 @@ class PairIterator:
             "steps_per_epoch": len(pairs_per_step),
             "rows_per_micro_batch": self.rows,
             "pair_slots_per_micro_batch": self.pair_slots,
-            "pairs_per_step": {"min": int(counts.min()), "mean": round(float(counts.mean()), 2),
-                               "max": int(counts.max())},
+            "pairs_per_step": {
+                "min": int(counts.min()),
+                "mean": round(float(counts.mean()), 2),
+                "max": int(counts.max()),
+            },
             "steps_by_row_length": {str(k): v for k, v in sorted(shapes.items())},
         }
         if not self.packing:

@@ -1,0 +1,268 @@
+"""Batches: the layout, buckets, packing (efficiency, same loss as padding), deterministic
+order, restored positions, mixtures, and per-process rows that concatenate to the global batch."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from dpo_jax import data
+from dpo_jax.data.bench import realistic_lengths
+
+
+def make_pair(prompt_len, chosen_len, rejected_len, seed):
+    rng = np.random.default_rng(seed)
+    ids = lambda n: rng.integers(3, 50, size=n).astype(np.int32)
+    return data.TokenizedPair(ids(prompt_len), ids(chosen_len), ids(rejected_len), f"x:{seed}")
+
+
+def random_pairs(n, max_len, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        make_pair(
+            int(rng.integers(1, max_len // 2)),
+            int(rng.integers(1, max_len // 2)),
+            int(rng.integers(1, max_len // 2)),
+            seed * 100_000 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def test_padded_layout_labels_and_masks():
+    pair = make_pair(3, 2, 4, 0)
+    batch = data.padded_batch([pair], num_pairs=2, row_length=8, pad_id=0)
+    tokens = np.concatenate([pair.prompt, pair.chosen])
+    np.testing.assert_array_equal(batch["tokens"][0, :5], tokens)
+    np.testing.assert_array_equal(batch["labels"][0, :4], tokens[1:])
+    # Positions 2 and 3 predict the two completion tokens.
+    np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 1, 0, 0, 0, 0])
+    assert batch["loss_mask"][1].sum() == 4 and batch["sequence_ids"][1, 0] == 1
+    np.testing.assert_array_equal(batch["pair_mask"], [True, False])
+    assert batch["segment_ids"][2:].sum() == 0 and batch["loss_mask"][2:].sum() == 0
+
+
+def test_packed_batch_holds_the_same_sequences():
+    pairs = [make_pair(3, 2, 4, s) for s in range(3)]
+    padded = data.padded_batch(pairs, 3, 12, 0)
+    packed = data.packed_batch(pairs, 3, num_rows=3, row_length=24, pad_id=0)
+    for batch in (padded, packed):
+        assert batch["loss_mask"].sum() == sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    for s in range(6):
+        in_padded = padded["labels"][(padded["sequence_ids"] == s) & padded["loss_mask"]]
+        in_packed = packed["labels"][(packed["sequence_ids"] == s) & packed["loss_mask"]]
+        np.testing.assert_array_equal(in_padded, in_packed)
+    assert packed["segment_ids"].max() >= 2  # several sequences share a row
+    for row in range(3):  # positions restart at every new segment
+        starts = np.flatnonzero(np.diff(packed["segment_ids"][row], prepend=0) > 0)
+        assert all(packed["positions"][row, s] == 0 for s in starts)
+    with pytest.raises(data.DataError, match="do not fit"):
+        data.packed_batch(pairs, 3, num_rows=1, row_length=24, pad_id=0)
+
+
+def test_packed_and_padded_give_the_same_loss():
+    """The same pairs through the real eval step: padded rows vs packed rows (within 1e-5)."""
+    from conftest import load_config
+
+    from dpo_jax import model, step, train
+
+    config = load_config("tiny")
+    model_config = train.model_config_from(config)
+    # Any weights do: random ones of the right shapes (no init compile), policy != reference.
+    shapes = jax.eval_shape(functools.partial(model.init_params, model_config), jax.random.key(0))
+    leaves, tree = jax.tree.flatten(nn.meta.unbox(shapes))
+
+    def random_params(seed):
+        rng = np.random.default_rng(seed)
+        return tree.unflatten([0.3 * rng.standard_normal(x.shape, np.float32) for x in leaves])
+
+    policy, reference = random_params(0), random_params(1)
+    pairs = [make_pair(3 + s % 3, 2 + s % 4, 6 - s % 3, s) for s in range(6)]
+    # The same [12, 24] shape both ways (one compilation): packed, two sequences share a row.
+    padded = data.padded_batch(pairs, 6, 24, 0)
+    packed = data.packed_batch(pairs, 6, num_rows=12, row_length=24, pad_id=0)
+    assert packed["segment_ids"].max() >= 2 and not packed["segment_ids"][6:].any()
+    loss_config = step.LossConfig(sft_loss_weight=0.5)
+    eval_sums = jax.jit(
+        functools.partial(step.eval_sums, model_config=model_config, loss_config=loss_config)
+    )
+    metrics = [step.finalize(eval_sums(policy, reference, batch)) for batch in (padded, packed)]
+    assert abs(float(metrics[0]["loss"]) - np.log(2)) > 1e-3  # a real, non-trivial loss
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "sft_loss"):
+        np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_give_a_few_static_shapes():
+    assert data.resolve_buckets("", 100) == (100,)
+    assert data.resolve_buckets("auto", 100) == (32, 56, 80, 100)
+    assert data.resolve_buckets("16,64,512", 100) == (16, 64, 100)
+    pairs = [make_pair(2, 2, 2, s) for s in range(8)] + [make_pair(20, 20, 20, s) for s in range(8)]
+    stream = data.PairIterator(
+        pairs,
+        batch_size=4,
+        accumulation_steps=2,
+        row_length=64,
+        pad_id=0,
+        seed=0,
+        buckets=(8, 32, 64),
+        shuffle=False,
+    )
+    shapes = [next(stream)["tokens"].shape for _ in range(4)]
+    assert shapes == [(2, 4, 8)] * 2 + [(2, 4, 64)] * 2
+    report = stream.efficiency(0)
+    assert report["steps_by_row_length"] == {"8": 2, "64": 2}
+    assert 0 < report["padding_efficiency"] < 1
+    batches = list(
+        data.eval_batches(pairs, batch_size=4, row_length=64, pad_id=0, buckets=(8, 32, 64))
+    )
+    assert [b["tokens"].shape[1] for b in batches] == [8, 8, 64, 64]
+
+
+def assert_same_batches(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_restored_iterator_yields_exactly_the_remaining_sequence(packing):
+    pairs = random_pairs(40, 32)
+    kwargs = dict(
+        batch_size=8, accumulation_steps=2, row_length=32, pad_id=0, seed=3, packing=packing
+    )
+    stream = data.PairIterator(pairs, **kwargs)
+    steps = stream.steps_per_epoch
+    batches = [next(stream) for _ in range(2 * steps + 1)]  # crosses two epoch boundaries
+    assert len({b["tokens"].shape for b in batches}) == 1
+    for stop in (1, steps, steps + 1):
+        fresh = data.PairIterator(pairs, **kwargs)
+        for _ in range(stop):
+            next(fresh)
+        resumed = data.PairIterator(pairs, **kwargs)
+        resumed.restore(fresh.state())
+        for expected in batches[stop:]:
+            assert_same_batches(next(resumed), expected)
+    other_seed = data.PairIterator(pairs, **(kwargs | {"seed": 4}))
+    assert not np.array_equal(next(other_seed)["tokens"], batches[0]["tokens"])
+    changed = data.PairIterator(pairs[:-1], **kwargs)
+    with pytest.raises(data.DataError, match="other training data"):
+        changed.restore(stream.state())
+
+
+def test_packed_steps_keep_pairs_whole_and_cover_the_epoch():
+    pairs = random_pairs(200, 64, seed=1)
+    stream = data.PairIterator(
+        pairs,
+        batch_size=8,
+        accumulation_steps=2,
+        row_length=64,
+        pad_id=0,
+        seed=0,
+        packing=True,
+        packed_pairs=12,
+    )
+    seen = []
+    for index in range(stream.steps_per_epoch):
+        batch = stream.build_step(0, index)
+        assert batch["tokens"].shape == (2, 8, 64) and batch["pair_mask"].shape == (2, 12)
+        for a, micro in enumerate(stream.step_pairs(0, index)):
+            seen += micro
+            for p, i in enumerate(micro):  # both sides of pair p are in this micro-batch
+                for side, completion in enumerate((pairs[i].chosen, pairs[i].rejected)):
+                    where = batch["sequence_ids"][a] == 2 * p + side
+                    np.testing.assert_array_equal(
+                        batch["labels"][a][where & batch["loss_mask"][a]], completion
+                    )
+            assert batch["pair_mask"][a].sum() == len(micro)
+    assert sorted(seen) == list(range(200))  # every pair exactly once per epoch
+
+
+def test_packing_reaches_90_percent_on_a_realistic_length_mix():
+    lengths = realistic_lengths(3000, seed=0)
+    pairs = []
+    for i, (p, c, r) in enumerate(lengths):  # truncated as data.max_prompt_length=512, T=1024
+        p = min(p, 512)
+        pairs.append(
+            data.TokenizedPair(
+                np.zeros(p, np.int32),
+                np.zeros(min(c, 1024 - p), np.int32),
+                np.zeros(min(r, 1024 - p), np.int32),
+                str(i),
+            )
+        )
+    sequence_lengths = [n for pair in pairs for n in pair.lengths]
+    assert 300 < np.median(sequence_lengths) < 600 and max(sequence_lengths) == 1024
+    stream = data.PairIterator(
+        pairs, batch_size=16, accumulation_steps=2, row_length=1024, pad_id=0, seed=0, packing=True
+    )
+    report = stream.efficiency(0)
+    assert report["packing_efficiency"] >= 0.9, report
+    assert report["pairs_per_step"]["min"] < report["pairs_per_step"]["max"]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_rows_concatenate_to_the_global_batch(packing, process_count):
+    pairs = random_pairs(40, 32, seed=2)
+    kwargs = dict(
+        batch_size=8, accumulation_steps=2, row_length=32, pad_id=0, seed=0, packing=packing
+    )
+    whole = data.PairIterator(pairs, **kwargs)
+    parts = [
+        data.PairIterator(pairs, **kwargs, process_index=k, process_count=process_count)
+        for k in range(process_count)
+    ]
+    for _ in range(3):
+        expected = next(whole)
+        local = [next(p) for p in parts]
+        for key in expected:
+            if key == "pair_mask":  # pair-level arrays are whole on every process
+                for batch in local:
+                    np.testing.assert_array_equal(batch[key], expected[key])
+            else:
+                assert local[0][key].shape[1] == expected[key].shape[1] // process_count
+                np.testing.assert_array_equal(
+                    np.concatenate([b[key] for b in local], 1), expected[key], err_msg=key
+                )
+    evals = [
+        list(
+            data.eval_batches(
+                pairs[:5], batch_size=4, row_length=32, pad_id=0, process_index=k, process_count=2
+            )
+        )
+        for k in range(2)
+    ]
+    for full, first, second in zip(
+        data.eval_batches(pairs[:5], batch_size=4, row_length=32, pad_id=0), *evals, strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.concatenate([first["tokens"], second["tokens"]]), full["tokens"]
+        )
+
+
+def test_weighted_mixture_is_deterministic_and_upsamples():
+    big = [make_pair(2, 2, 2, s) for s in range(30)]
+    small = [make_pair(3, 3, 3, 1000 + s) for s in range(6)]
+    kwargs = dict(
+        batch_size=4,
+        accumulation_steps=1,
+        row_length=16,
+        pad_id=0,
+        seed=0,
+        sources=[(30, 1.0), (6, 1.0)],
+    )
+    stream = data.PairIterator(big + small, **kwargs)
+    assert stream.quotas == [18, 18] and stream.steps_per_epoch == 9
+    for epoch in range(2):
+        order = stream.epoch_order(epoch)
+        assert len(order) == 36 and (order >= 30).sum() == 18  # each small pair 3 times
+        assert np.bincount(order[order >= 30] - 30).tolist() == [3] * 6
+        assert len(set(order[order < 30].tolist())) == 18  # big source sampled, no repeats
+        np.testing.assert_array_equal(
+            order, data.PairIterator(big + small, **kwargs).epoch_order(epoch)
+        )
+    assert not np.array_equal(stream.epoch_order(0), stream.epoch_order(1))
+    with pytest.raises(data.DataError, match="train_weights"):
+        data.PairIterator(big + small, **(kwargs | {"sources": [(30, 0.0), (6, 0.0)]}))
