@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dpo_jax import (
@@ -514,6 +515,7 @@ USER_ERRORS = (ConfigError, data.DataError, hf.HFError, sharding.MeshError, Memo
 
 def main(argv) -> None:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-save INFO lines
     sharding.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
