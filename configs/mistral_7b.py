@@ -10,108 +10,22 @@ Export any checkpoint (the run also writes runs/mistral_7b/hf/ at the end):
     python -m dpo_jax.export --workdir runs/mistral_7b --out runs/mistral_7b/hf-step-N --step N
 """
 
-import ml_collections
+import importlib.util
+import os
 
-from dpo_jax.sharding import DEFAULT_RULES
+_spec = importlib.util.spec_from_file_location(
+    "hf_dpo_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_dpo_base.py")
+)
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "mistralai/Mistral-7B-Instruct-v0.3"  # HF hub id or local folder
-    c.model.init = "pretrained"  # weights of model.name (safetensors / flax_model.msgpack)
-    c.model.max_length = 2048  # longest sequence the model is run on
-    c.model.dtype = "bfloat16"  # compute dtype
-    c.model.param_dtype = "float32"  # master weights
-    c.model.attention_impl = "cudnn"  # cuDNN flash attention on GPU ("xla" elsewhere)
-    c.model.remat_policy = "full"  # none | dots_saveable | full
-    c.model.logits_chunk_size = 8192  # vocabulary chunk of the log-prob (32k vocab)
-
-    c.data = ml_collections.ConfigDict()
-    c.data.train_file = "hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs"  # 61k pairs
-    c.data.validation_file = "hf:HuggingFaceH4/ultrafeedback_binarized@test_prefs"  # 2k pairs
-    c.data.tokenizer = ""  # "" = the tokenizer in model.name
-    c.data.max_seq_length = 2048  # prompt + completion tokens per sequence (row length)
-    c.data.max_prompt_length = 1024  # prompts keep their last this-many tokens (0 = no limit)
-    c.data.apply_chat_template = True  # render prompts as a user turn of the chat template
-    c.data.validation_files = ""  # more named eval sets: "name=path,name2=path2" -> eval/<name>/...
-    c.data.train_weights = ""  # mixture weights, one per train_file source ("" = concatenate)
-    c.data.format = "auto"  # auto | explicit | conversational | implicit | ranked | hh
-    c.data.fields = ""  # field-name mapping, e.g. "prompt=question,chosen=good,rejected=bad"
-    c.data.roles = ""  # role-name mapping, e.g. "human=user,gpt=assistant"
-    c.data.system_prompt = ""  # prepended as a system turn when the data has none
-    c.data.ranked_pairs = "best_worst"  # ranked completions -> pairs
-    c.data.ranked_ties = "error"  # error | skip: never a pair with equal ranks
-    c.data.truncation = "truncate"  # truncate | drop: what to do with over-long pairs
-    c.data.on_error = "raise"  # raise: stop at the first bad record; skip: count and go on
-    c.data.packing = False  # pack whole pairs into rows (segment ids) instead of padding
-    c.data.packed_rows = 0  # rows per micro-batch when packing (0 = automatic)
-    c.data.packed_pairs = 0  # pair slots per micro-batch when packing (0 = automatic)
-    c.data.bucket_lengths = ""  # padded row lengths: "" = max_seq_length, "auto", "128,256"
-    c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
-    c.data.num_proc = 0  # tokenization workers (0 = automatic)
-    c.data.cache_dir = ""  # tokenization cache ("" = default under ~/.cache, "none" = off)
-
-    c.training = ml_collections.ConfigDict()
-    c.training.batch_size = 64  # pairs per optimizer step (all devices, all micro-batches)
-    c.training.gradient_accumulation_steps = 4  # 8 GPUs x 4 rows per micro-batch
-    c.training.learning_rate = 5e-7  # peak
-    c.training.num_epochs = 1
-    c.training.max_steps = -1  # > 0 overrides num_epochs
-    c.training.warmup_steps = 100  # ~10% of the ~950 steps of one epoch
-    c.training.lr_schedule = "cosine"  # cosine | linear | constant, after warmup
-    c.training.min_lr_ratio = 0.0
-    c.training.weight_decay = 0.0
-    c.training.max_grad_norm = 1.0
-    c.training.adam_b1 = 0.9
-    c.training.adam_b2 = 0.999
-    c.training.adam_eps = 1e-8
-    c.training.seed = 0  # data order
-    c.training.beta = 0.1  # DPO temperature: larger = stay closer to the reference
-    c.training.loss_type = "sigmoid"  # a name or "a,b" / a list; see dpo_jax.losses.LOSSES
-    c.training.loss_weights = ""  # one per loss_type ("" = all 1.0)
-    c.training.label_smoothing = 0.0  # cDPO / robust / exo_pair
-    c.training.reference_free = False  # reference log-probs ≡ 0
-    c.training.preference_average_log_probs = False  # length-normalise the preference logps
-    c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
-    c.training.preference_loss_weight = 1.0
-    c.training.sft_loss_weight = 0.0  # adds NLL of the chosen response (RPO-style)
-    c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})
-    c.training.gradient_checkpointing = True  # remat the layers (model.remat_policy)
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1  # pure data parallelism
-    c.mesh.fsdp = -1  # parameter + data sharding over every device
-    c.mesh.tensor = 1  # Megatron-style heads / mlp split
-    c.mesh.rules = DEFAULT_RULES  # logical parameter axis → mesh axis
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 200
-    c.checkpoint.max_to_keep = 2
-    c.checkpoint.async_save = True
-    c.checkpoint.export_hf = True  # write DIR/hf/ (Hugging Face format) at the end
-    c.checkpoint.export_dtype = "bfloat16"  # dtype of the exported weights
-
-    c.logging = ml_collections.ConfigDict()
-    c.logging.every_steps = 10
-    c.logging.tensorboard = True  # DIR/tensorboard event files
-    c.logging.wandb = False  # also Weights & Biases, when wandb is installed
-    c.logging.wandb_project = "dpo_jax"
-    c.logging.report = True  # DIR/report.html + DIR/plots/*.png at the end
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 200  # 0 = only at the end
-    c.eval.batch_size = 64  # pairs per eval batch
-    # Generated samples: replies to held-out prompts, reference next to policy, in
-    # DIR/samples.jsonl (a .jsonl of {"prompt"}; the checkers judge the embedded data only).
-    c.eval.sample_prompts_file = ""  # "" = no samples
-    c.eval.sample_every_steps = 0  # 0 = at the end only; -1 = never
-    c.eval.num_sample_prompts = 64  # -1 = all prompts in the file
-    c.eval.sample_max_new_tokens = 256
-    c.eval.sample_temperature = 0.7  # 0 = greedy
-    c.eval.sample_top_k = 0  # 0 = off
-    c.eval.sample_top_p = 0.95  # 1 = off
-    c.eval.sample_seed = 0
-    c.eval.sample_checker = ""  # "" = none; see dpo_jax.samples.CHECKERS
-    return c
+def get_config():
+    return _base.with_overrides(
+        {
+            "model.name": "mistralai/Mistral-7B-Instruct-v0.3",  # HF hub id or local folder
+            "model.remat_policy": "full",  # none | dots_saveable | full
+            "training.gradient_accumulation_steps": 4,  # 8 GPUs x 4 rows per micro-batch
+            "training.learning_rate": 5e-07,  # peak
+        }
+    )
