@@ -79,8 +79,13 @@ def sequence_stats(model_config: ModelConfig, params, batch: dict, chunk_size: i
 
 
 def reference_logps(model_config: ModelConfig, ref_params, batch: dict, loss_config: LossConfig):
+    """Per-sequence reference log-probs [S]: None for reference-free losses; precomputed
+    ones when the batch carries them (`ref_logps`, then `ref_params` is None); else a
+    forward pass of the frozen reference."""
     if not loss_config.needs_reference:
         return None
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
     logps_S, _, _ = sequence_stats(model_config, ref_params, batch, loss_config.logits_chunk_size)
     return jax.lax.stop_gradient(logps_S)
 
