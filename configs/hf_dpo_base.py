@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
     c.data.num_proc = 0  # tokenization workers (0 = automatic)
     c.data.cache_dir = ""  # tokenization cache ("" = default under ~/.cache, "none" = off)
+    c.data.prefetch = 2  # batches built and placed on the device ahead of the step (0 = off)
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 64  # pairs per optimizer step (all devices, all micro-batches)
@@ -61,12 +62,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.adam_b1 = 0.9
     c.training.adam_b2 = 0.999
     c.training.adam_eps = 1e-8
+    # bfloat16 moments halve the optimizer memory (stochastic rounding keeps them unbiased)
+    c.training.optimizer_state_dtype = "float32"  # float32 | bfloat16
     c.training.seed = 0  # data order
     c.training.beta = 0.1  # DPO temperature: larger = stay closer to the reference
     c.training.loss_type = "sigmoid"  # a name or "a,b" / a list; see dpo_jax.losses.LOSSES
     c.training.loss_weights = ""  # one per loss_type ("" = all 1.0)
     c.training.label_smoothing = 0.0  # cDPO / robust / exo_pair
     c.training.reference_free = False  # reference log-probs ≡ 0
+    # Reference log-probs computed once before training (cached on disk) instead of a
+    # reference forward in every step: 25% fewer FLOPs, no reference weights on device.
+    c.training.precompute_ref_log_probs = False
     c.training.preference_average_log_probs = False  # length-normalise the preference logps
     c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
     c.training.preference_loss_weight = 1.0

@@ -3,8 +3,10 @@
     python -m dpo_jax.train --config configs/llama3_1_8b.py --workdir runs/llama3_1_8b
 
 A gated model: accept its licence on the Hub and `huggingface-cli login` first.
-Parameters, gradients and Adam moments (fp32) are fsdp-sharded over the 8 GPUs: ~20 GB
-each with the frozen reference; several hosts: the same command on each (see launch/).
+Parameters, gradients and Adam moments (fp32) are fsdp-sharded over the 8 GPUs, ~16 GB each;
+the reference's log-probs are computed once before training (and cached), so no reference
+weights are held and no reference forward runs in the step. Several hosts: the same command
+on each (see launch/).
 
 Export any checkpoint (the run also writes runs/llama3_1_8b/hf/ at the end):
 
@@ -26,6 +28,7 @@ def get_config():
         {
             "model.name": "meta-llama/Llama-3.1-8B-Instruct",  # HF hub id or local folder
             "model.remat_policy": "full",  # none | dots_saveable | full
+            "training.precompute_ref_log_probs": True,
             "training.gradient_accumulation_steps": 4,  # 8 GPUs x 4 rows per micro-batch
             "training.learning_rate": 5e-07,  # peak
         }

@@ -82,6 +82,10 @@ class SampleWriter:
             apply_chat_template=self.apply_chat_template,
         )
 
+    def sample_reference(self, ref_params) -> None:
+        """Samples the reference's replies now (when its weights will not be kept)."""
+        self.reference_replies = self.replies(ref_params)
+
     def __call__(self, step: int, params, ref_params) -> dict[str, float]:
         policy = self.replies(params)
         if self.reference_replies is None and ref_params is not None:

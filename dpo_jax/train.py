@@ -33,11 +33,22 @@ from dpo_jax import (
     metrics_log,
     model,
     optim,
+    prefetch,
+    reference,
     samples,
     sharding,
+    throughput,
 )
 from dpo_jax import report as html_report
-from dpo_jax.step import LossConfig, TrainState, eval_sums, finalize, train_step
+from dpo_jax.data import cache as data_cache
+from dpo_jax.step import (
+    LossConfig,
+    TrainState,
+    eval_sums,
+    finalize,
+    sequence_stats,
+    train_step,
+)
 
 FLAGS = flags.FLAGS
 
@@ -114,6 +125,7 @@ def build_optimizer(config, total_steps: int):
         b2=t.adam_b2,
         eps=t.adam_eps,
         max_grad_norm=t.max_grad_norm,
+        state_dtype=t.optimizer_state_dtype,
     )
     return optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
 
@@ -177,7 +189,7 @@ def make_sampler(config, workdir, model_config, tokenizer, data_config):
     )
 
 
-def check_memory(config, model_config, loss_config, optimizer, shardings, mesh) -> None:
+def check_memory(config, model_config, optimizer, shardings, mesh, reference_on_device) -> None:
     """Prints the per-device memory estimate; on an accelerator, stops before compiling
     when it cannot fit, naming the knobs that would make it fit."""
 
@@ -197,11 +209,11 @@ def check_memory(config, model_config, loss_config, optimizer, shardings, mesh) 
     rows_per_device //= sharding.data_parallel_size(mesh)
     parts = memory.estimate(
         abstract,
-        abstract.params if loss_config.needs_reference else None,
+        abstract.params if reference_on_device else None,
         model_config,
         tokens_per_device=rows_per_device * config.data.max_seq_length,
         row_length=config.data.max_seq_length,
-        logits_chunk_size=loss_config.logits_chunk_size,
+        logits_chunk_size=int(config.model.logits_chunk_size),
     )
     if jax.process_index() == 0:
         print(f"memory per device (estimate): {memory.describe(parts)}", flush=True)
@@ -211,6 +223,49 @@ def check_memory(config, model_config, loss_config, optimizer, shardings, mesh) 
 def copy_params(params, shardings):
     """Separate buffers for the frozen reference: the policy's are donated every step."""
     return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
+def reference_cache_dir(config, workdir: str) -> str:
+    """Reference tables live beside the tokenization cache (shared by runs on the same data
+    and model), or in the workdir when data.cache_dir is "none"."""
+    if config.data.cache_dir == "none":
+        return os.path.join(workdir, "reference_logps")
+    root = config.data.cache_dir or data_cache.default_cache_dir()
+    return os.path.join(os.path.dirname(os.path.abspath(root)), "reference_logps")
+
+
+def precompute_reference(
+    config, workdir, model_config, loss_config, params, iterator, eval_sets, mesh
+):
+    """Reference log-probs of the training pairs and every eval set, from `params` (the
+    initial policy, which is the reference); attached to the iterator's batches. Returns
+    the eval tables by eval-set name."""
+    # The weights are an argument, not a closure: closed-over arrays become constants.
+    forward = jax.jit(
+        lambda weights, batch: sequence_stats(
+            model_config, weights, batch, loss_config.logits_chunk_size
+        )[0],
+        out_shardings=sharding.replicated(mesh),
+    )
+    batch_size = int(config.eval.batch_size)
+    named = {"training data": iterator.pairs}
+    named |= {
+        f"eval set {name!r}" if name else "validation data": pairs
+        for name, pairs in eval_sets.items()
+    }
+    tables = reference.precompute_tables(
+        named,
+        weights_fingerprint=reference.params_fingerprint(params, mesh),
+        model_config=model_config,
+        logps_fn=functools.partial(forward, params),
+        batches=lambda pairs: iterator.eval_batches(pairs, batch_size),
+        batch_size=batch_size,
+        mesh=mesh,
+        cache_dir=reference_cache_dir(config, workdir),
+        log=lambda line: print(line, flush=True) if jax.process_index() == 0 else None,
+    )
+    iterator.reference_logps = tables.pop("training data")
+    return dict(zip(eval_sets, tables.values(), strict=True))
 
 
 # ---------------------------------------------------------------------- logging
@@ -355,12 +410,22 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     # --- optimizer, state, reference
     optimizer, schedule = build_optimizer(config, total_steps)
     shardings = state_shardings(model_config, optimizer, mesh, rules)
-    check_memory(config, model_config, loss_config, optimizer, shardings, mesh)
+    precompute = loss_config.needs_reference and bool(t.precompute_ref_log_probs)
+    reference_on_device = loss_config.needs_reference and not precompute
+    check_memory(config, model_config, optimizer, shardings, mesh, reference_on_device)
     state = init_state(config, model_config, optimizer, shardings)
-    # Reference = the initial policy; frozen, never donated, never in the optimizer.
-    ref_params = (
-        copy_params(state.params, shardings.params) if loss_config.needs_reference else None
-    )
+    # Reference = the initial policy (also on resume: the checkpoint is restored below).
+    # Either frozen copies of its weights (never donated, never in the optimizer), or its
+    # log-probs computed once here and carried in the batches.
+    ref_params = copy_params(state.params, shardings.params) if reference_on_device else None
+    eval_reference = {}
+    sampler = make_sampler(config, workdir, model_config, tokenizer, data_settings)
+    if precompute:
+        eval_reference = precompute_reference(
+            config, workdir, model_config, loss_config, state.params, iterator, eval_sets, mesh
+        )
+        if sampler is not None:  # the reference's replies, while its weights are at hand
+            sampler.sample_reference(state.params)
 
     ckpt = checkpoint.Checkpointer(
         workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
@@ -421,14 +486,12 @@ def train(config, workdir: str, devices=None) -> TrainResult:
                 eval_fn,
                 state.params,
                 ref_params,
-                iterator.eval_batches(pairs, config.eval.batch_size),
+                iterator.eval_batches(pairs, config.eval.batch_size, eval_reference.get(name)),
                 mesh=mesh,
             )
             prefix = f"eval/{name}/" if name else "eval/"
             eval_metrics.update({prefix + k: float(v) for k, v in metrics.items()})
         writer.write(step, eval_metrics)
-
-    sampler = make_sampler(config, workdir, model_config, tokenizer, data_settings)
 
     def sample(step):
         sample_metrics = sampler(step, state.params, ref_params)
@@ -437,59 +500,78 @@ def train(config, workdir: str, devices=None) -> TrainResult:
             writer.write(step, sample_metrics)
 
     # --- the loop. Metrics of step s are fetched after step s+1 is dispatched, so the
-    # host never waits for the device except at log, eval and checkpoint points.
-    pending = None  # (step, device metrics, tokens since last log, time of last log)
-    window_tokens, window_start = 0, time.perf_counter()
+    # host never waits for the device except at log, eval and checkpoint points; the next
+    # batches are built and placed on a background thread meanwhile (data.prefetch).
+    pending = None  # (step, device metrics, window totals, time of last log)
+    window = np.zeros(3)  # real tokens, pairs, model FLOPs since the last log line
+    window_start = time.perf_counter()
+    peak, _ = throughput.peak_flops(mesh.devices.flat[0])
+    with_reference_forward = reference_on_device
+
+    def prepare(host_batch):
+        # Only this process's rows are here; the slices of all processes are of equal size,
+        # so the step's totals are estimated as process_count times this process's.
+        lengths = throughput.batch_sequence_lengths(host_batch)
+        totals = jax.process_count() * np.array(
+            [
+                lengths.sum(),
+                np.count_nonzero(host_batch["pair_mask"]) / jax.process_count(),
+                throughput.sequence_flops(model_config, lengths, with_reference_forward),
+            ]
+        )
+        return sharding.put_batch(host_batch, mesh, row_axis=1), totals
 
     def flush(pending):
-        step, metrics, tokens, started = pending
+        step, metrics, totals, started = pending
         metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - started
+        elapsed = max(time.perf_counter() - started, 1e-9)
         del metrics["pairs"]
-        # Non-padding tokens per second of the policy since the previous log line
-        # (the first window includes compilation).
-        metrics["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+        # Since the previous log line (the first window includes compilation): non-padding
+        # tokens and pairs per second, and model FLOPs utilisation of all devices.
+        metrics["tokens_per_sec"] = totals[0] / elapsed
+        metrics["pairs_per_sec"] = totals[1] / elapsed
+        metrics["mfu"] = totals[2] / elapsed / (peak * mesh.devices.size)
         if (memory := device_memory_gb()) is not None:
             metrics["memory/peak_gb"] = memory
         writer.write(step, metrics)
 
-    step = start_step
-    while step < total_steps:
-        host_batch = next(iterator)
-        # This process's rows; the slices of all processes are of equal size.
-        window_tokens += jax.process_count() * int(np.count_nonzero(host_batch["segment_ids"]))
-        state, metrics = step_fn(
-            state, ref_params, sharding.put_batch(host_batch, mesh, row_axis=1)
-        )
-        if pending is not None:
-            flush(pending)
-            pending = None
-        if step % config.logging.every_steps == 0 or step == total_steps - 1:
-            pending = (step, metrics, window_tokens, window_start)
-            window_tokens, window_start = 0, time.perf_counter()
-        step += 1
-        done = step == total_steps
-        eval_every = config.eval.every_steps
-        run_eval_now = done or (eval_every > 0 and step % eval_every == 0)
-        stop = ckpt.should_stop(step)
-        save_now = step % config.checkpoint.every_steps == 0 or done or stop
-        if pending is not None and (run_eval_now or save_now):
-            # Rows logged before a checkpoint must be on disk before it exists: a resumed
-            # run recomputes only the steps after the checkpoint.
-            flush(pending)
-            pending = None
-        if run_eval_now:
-            evaluate(step)
-        sample_every = config.eval.sample_every_steps
-        if sampler is not None and (
-            (done and sample_every >= 0) or (sample_every > 0 and step % sample_every == 0)
-        ):
-            sample(step)
-        if save_now:
-            ckpt.save(step, state, iterator.state(), config_json)
-        if stop:
-            print(f"pre-empted: saved step {step}; re-run the same command to resume", flush=True)
-            break
+    with prefetch.Prefetcher(iterator, prepare, depth=int(config.data.prefetch)) as batches:
+        step = start_step
+        while step < total_steps:
+            (batch, totals), position = next(batches)
+            window += totals
+            state, metrics = step_fn(state, ref_params, batch)
+            if pending is not None:
+                flush(pending)
+                pending = None
+            if step % config.logging.every_steps == 0 or step == total_steps - 1:
+                pending = (step, metrics, window, window_start)
+                window, window_start = np.zeros(3), time.perf_counter()
+            step += 1
+            done = step == total_steps
+            eval_every = config.eval.every_steps
+            run_eval_now = done or (eval_every > 0 and step % eval_every == 0)
+            stop = ckpt.should_stop(step)
+            save_now = step % config.checkpoint.every_steps == 0 or done or stop
+            if pending is not None and (run_eval_now or save_now):
+                # Rows logged before a checkpoint must be on disk before it exists: a resumed
+                # run recomputes only the steps after the checkpoint.
+                flush(pending)
+                pending = None
+            if run_eval_now:
+                evaluate(step)
+            sample_every = config.eval.sample_every_steps
+            if sampler is not None and (
+                (done and sample_every >= 0) or (sample_every > 0 and step % sample_every == 0)
+            ):
+                sample(step)
+            if save_now:
+                ckpt.save(step, state, position, config_json)
+            if stop:
+                print(
+                    f"pre-empted: saved step {step}; re-run the same command to resume", flush=True
+                )
+                break
     ckpt.wait()
     ckpt.close()
     if config.checkpoint.export_hf and step == total_steps:

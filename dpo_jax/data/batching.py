@@ -219,3 +219,16 @@ def packed_batch(
 
 def stack_batches(batches: Sequence[dict]) -> dict:
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+
+def reference_columns(
+    table: np.ndarray, pair_lists: Sequence[Sequence[int]], num_pairs: int
+) -> np.ndarray:
+    """Precomputed reference log-probs [A, 2·num_pairs] for micro-batches whose pair slots
+    hold `pair_lists[a]` (indices into `table`, [pairs, 2] of chosen, rejected): sequence
+    2p is the chosen of slot p, 2p+1 its rejected; unused slots are 0."""
+    columns = np.zeros((len(pair_lists), 2 * num_pairs), np.float32)
+    for a, indices in enumerate(pair_lists):
+        indices = np.asarray(indices, np.int64)
+        columns[a, : 2 * len(indices)] = table[indices].reshape(-1)
+    return columns

@@ -23,6 +23,7 @@ from .batching import (
     pack_step,
     padded_batch,
     process_rows,
+    reference_columns,
     stack_batches,
 )
 from .problems import DataError
@@ -103,6 +104,9 @@ class PairIterator:
                     f"training.batch_size={batch_size}"
                 )
         self.row_range = process_rows(self.rows, process_index, process_count)
+        # Precomputed reference log-probs [pairs, 2] (reference.py); batches then carry
+        # ref_logps [A, 2P].
+        self.reference_logps: np.ndarray | None = None
         self.epoch = 0
         self.index = 0  # steps already taken from this epoch
         self._plan: tuple[int, list] | None = None  # (epoch, packed steps) of the last epoch
@@ -213,6 +217,14 @@ class PairIterator:
         return [list(x) for x in np.split(order, self.accumulation_steps)]
 
     def build_step(self, epoch: int, index: int) -> dict:
+        batch = self._build_rows(epoch, index)
+        if self.reference_logps is not None:
+            batch["ref_logps"] = reference_columns(
+                self.reference_logps, self.step_pairs(epoch, index), self.pair_slots
+            )
+        return batch
+
+    def _build_rows(self, epoch: int, index: int) -> dict:
         if self.packing:
             return stack_batches(
                 [
@@ -256,10 +268,16 @@ class PairIterator:
         self.index += 1
         return batch
 
-    def eval_batches(self, pairs: Sequence[TokenizedPair], batch_size: int) -> Iterator[dict]:
+    def eval_batches(
+        self,
+        pairs: Sequence[TokenizedPair],
+        batch_size: int,
+        reference_logps: np.ndarray | None = None,
+    ) -> Iterator[dict]:
         """eval_batches with this stream's row length, buckets, padding and process slice."""
         return eval_batches(
             pairs,
+            reference_logps=reference_logps,
             batch_size=batch_size,
             row_length=self.row_length,
             pad_id=self.pad_id,
@@ -315,13 +333,19 @@ def eval_batches(
     buckets: Sequence[int] = (),
     process_index: int = 0,
     process_count: int = 1,
+    reference_logps: np.ndarray | None = None,
 ) -> Iterator[dict]:
     """Every pair exactly once, in file order, padded [2·batch_size, T] with T the smallest
     bucket that fits the batch; the last batch is completed with filler pairs (pair_mask
-    False) so that the shape never changes."""
+    False) so that the shape never changes. With `reference_logps` ([pairs, 2]) the
+    batches carry ref_logps [2·batch_size]."""
     buckets = tuple(buckets) or (row_length,)
     rows = process_rows(2 * batch_size, process_index, process_count)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         longest = max(max(p.lengths) for p in chunk)
-        yield padded_batch(chunk, batch_size, bucket_for(longest, buckets), pad_id, rows=rows)
+        batch = padded_batch(chunk, batch_size, bucket_for(longest, buckets), pad_id, rows=rows)
+        if reference_logps is not None:
+            indices = range(start, start + len(chunk))
+            batch["ref_logps"] = reference_columns(reference_logps, [indices], batch_size)[0]
+        yield batch
