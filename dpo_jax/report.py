@@ -37,6 +37,8 @@ PLOTS = (
     ("learning_rate", "Learning rate", ("learning_rate",), "linear"),
     ("grad_norm", "Gradient norm (before clipping)", ("grad_norm",), "linear"),
     ("tokens_per_sec", "Throughput (tokens/s)", ("tokens_per_sec",), "log"),
+    ("mfu", "Model FLOPs utilisation", ("mfu",), "fraction"),
+    ("memory", "Peak device memory (GiB)", ("memory/peak_gb",), "linear"),
 )
 SAMPLE_RATES = "eval/samples/"
 MAX_SAMPLE_ROWS = 50  # of the last sampled step, in the HTML table

@@ -29,6 +29,8 @@ def train_row(step):
         "learning_rate": 1e-3 * min(1.0, (step + 1) / 5),
         "grad_norm": 1.0,
         "tokens_per_sec": 1000.0 + step,
+        "mfu": 0.3 + step / 1000,
+        "memory/peak_gb": 12.5,
     }
 
 
@@ -84,6 +86,8 @@ def test_report_is_self_contained_with_every_plot(workdir):
         "learning_rate",
         "grad_norm",
         "tokens_per_sec",
+        "mfu",
+        "memory",
         "samples_preferred_rate",
     }
     assert {f[: -len(".png")] for f in os.listdir(workdir / "plots")} == expected
