@@ -86,6 +86,8 @@ FIT_KNOBS = (
     "training.gradient_accumulation_steps (more, smaller micro-batches)",
     "training.gradient_checkpointing=True or model.remat_policy=dots_saveable|full",
     "mesh.fsdp (shard parameters and optimizer state over more devices)",
+    "training.precompute_ref_log_probs=True (no reference weights on the device)",
+    "training.optimizer_state_dtype=bfloat16 (Adam moments at half the memory)",
     "data.max_seq_length (shorter rows)",
     "model.logits_chunk_size (smaller vocabulary chunks)",
     "training.batch_size (fewer pairs per step)",
