@@ -2,7 +2,8 @@
 
     python -m dpo_jax.train --config configs/gemma2_2b.py --workdir runs/gemma2_2b
 
-A gated model: accept its licence on the Hub and `huggingface-cli login` first.
+A gated model: accept its licence on the Hub and `hf auth login` first
+(older huggingface_hub: `huggingface-cli login`).
 Gemma 2 soft-caps attention scores (its own attention path, whatever attention_impl says)
 and the output logits (30 * tanh(logits / 30), applied in the log-prob too). Its chat
 template rejects system turns. On fewer GPUs raise training.gradient_accumulation_steps.

@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.packing = False  # pack whole pairs into rows (segment ids) instead of padding
     c.data.packed_rows = 0  # rows per micro-batch when packing (0 = automatic)
     c.data.packed_pairs = 0  # pair slots per micro-batch when packing (0 = automatic)
+    # Packed pairs as [prompt | chosen | rejected] with the prompt computed once (rows of
+    # 2 x max_seq_length; needs data.packing). Saves the prompt's second pass.
+    c.data.prefix_sharing = False
     c.data.bucket_lengths = ""  # padded row lengths: "" = max_seq_length, "auto", "128,256"
     c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
     c.data.num_proc = 0  # tokenization workers (0 = automatic)

@@ -2,7 +2,8 @@
 
     python -m dpo_jax.train --config configs/llama3_1_8b.py --workdir runs/llama3_1_8b
 
-A gated model: accept its licence on the Hub and `huggingface-cli login` first.
+A gated model: accept its licence on the Hub and `hf auth login` first
+(older huggingface_hub: `huggingface-cli login`).
 Parameters, gradients and Adam moments (fp32) are fsdp-sharded over the 8 GPUs, ~16 GB each;
 the reference's log-probs are computed once before training (and cached), so no reference
 weights are held and no reference forward runs in the step. Several hosts: the same command

@@ -2,7 +2,8 @@
 
     python -m dpo_jax.train --config configs/llama3_2_1b.py --workdir runs/llama3_2_1b
 
-A gated model: accept its licence on the Hub and `huggingface-cli login` first.
+A gated model: accept its licence on the Hub and `hf auth login` first
+(older huggingface_hub: `huggingface-cli login`).
 On fewer GPUs raise training.gradient_accumulation_steps (1 GPU: 16).
 
 Export any checkpoint (the run also writes runs/llama3_2_1b/hf/ at the end):

@@ -2,7 +2,8 @@
 
     python -m dpo_jax.train --config configs/mistral_7b.py --workdir runs/mistral_7b
 
-A gated model: accept its licence on the Hub and `huggingface-cli login` first.
+A gated model: accept its licence on the Hub and `hf auth login` first
+(older huggingface_hub: `huggingface-cli login`).
 Parameters, gradients and Adam moments (fp32) are fsdp-sharded over the 8 GPUs.
 
 Export any checkpoint (the run also writes runs/mistral_7b/hf/ at the end):

@@ -22,7 +22,7 @@ import sys
 import jax
 import ml_collections
 
-from dpo_jax import checkpoint, data, sharding, train
+from dpo_jax import checkpoint, data, hf, sharding, train
 from dpo_jax.step import eval_sums
 
 # The metrics shown in the console table, in this order (the JSON holds every metric).
@@ -114,9 +114,7 @@ def evaluate(
     eval_sets = parse_eval_sets(config, data_files)
 
     # --- the eval sets first: bad data fails before any model work
-    from transformers import AutoTokenizer  # heavy import, only where needed
-
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
+    tokenizer = hf.load_tokenizer(config.data.tokenizer or config.model.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eval_pairs = {
         name: data.load_pairs(path, tokenizer, data_settings)[0] for name, path in eval_sets.items()
@@ -148,7 +146,9 @@ def evaluate(
 
     # --- every eval set
     eval_fn = jax.jit(
-        functools.partial(eval_sums, model_config=model_config, loss_config=loss_config)
+        functools.partial(
+            eval_sums, model_config=model_config, loss_config=loss_config, padded_rows=True
+        )
     )
 
     result = {"step": int(step), "workdir": os.path.abspath(workdir), "sets": {}}

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from transformers import AutoTokenizer
 
 from dpo_jax import export, hf, model
 
@@ -313,21 +312,22 @@ def load_model(path: str, step: int | None = None):
         exported = os.path.join(path, "hf")
         if step is None and os.path.isdir(exported):
             config, params = hf.load_pretrained(exported)
-            tokenizer = AutoTokenizer.from_pretrained(exported)
+            tokenizer = hf.load_tokenizer(exported, setting="--model")
             return config, params, tokenizer, _eos_ids(tokenizer, exported), exported
         if not os.path.isdir(os.path.join(path, "checkpoints")):
             raise GenerateError(f"--model {path}: a training workdir without hf/ or checkpoints/")
         run, config, params, step = export.restore_params(path, step)
         source = hf.resolve_model_path(run["model"]["name"])
-        tokenizer = AutoTokenizer.from_pretrained(
-            (run.get("data") or {}).get("tokenizer") or source
+        tokenizer = hf.load_tokenizer(
+            (run.get("data") or {}).get("tokenizer") or source,
+            setting=f"data.tokenizer in {path}/config.json",
         )
         return config, params, tokenizer, _eos_ids(tokenizer, source), f"{path} step {step}"
     if step is not None:
         raise GenerateError(f"--step {step}: only for a training workdir, not {path}")
     config, params = hf.load_pretrained(path)
     folder = hf.resolve_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = hf.load_tokenizer(folder, setting="--model")
     return config, params, tokenizer, _eos_ids(tokenizer, folder), folder
 
 

@@ -51,18 +51,31 @@ class TrainState:
     opt_state: Any
 
 
-def sequence_stats(model_config: ModelConfig, params, batch: dict, chunk_size: int):
+def sequence_stats(
+    model_config: ModelConfig, params, batch: dict, chunk_size: int, padded_rows: bool = False
+):
     """Per-sequence summed completion log-probs, completion lengths and summed mean-logits.
 
     The log-prob is computed from the final hidden states one vocabulary chunk at a time,
-    so the [R·T, V] logits never exist in memory."""
+    so the [R·T, V] logits never exist in memory. `padded_rows` promises one sequence per
+    row from index 0 (padded batches), which lets attention take row lengths, not a mask.
+    Prefix-shared batches (branch_ids) add one prediction per pair: the rejected reply's
+    first token from the prompt's last position (extra_index, extra_label)."""
     hidden_RxTxD = model.hidden_states(
-        model_config, params, batch["tokens"], batch["positions"], batch["segment_ids"]
+        model_config,
+        params,
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        branch_ids_BxT=batch.get("branch_ids"),
+        padded_rows=padded_rows,
     )
     num_rows, row_length, width = hidden_RxTxD.shape
+    hidden_NxD = hidden_RxTxD.reshape(num_rows * row_length, width)
+    unembedding = model.unembedding(model_config, params)
     logps_N, mean_logits_N = losses.chunked_token_logps(
-        hidden_RxTxD.reshape(num_rows * row_length, width),
-        model.unembedding(model_config, params),
+        hidden_NxD,
+        unembedding,
         batch["labels"].reshape(-1),
         chunk_size=chunk_size,
         logit_softcap=model_config.final_logit_softcap,
@@ -75,10 +88,28 @@ def sequence_stats(model_config: ModelConfig, params, batch: dict, chunk_size: i
     logit_sums_S, _ = losses.sequence_logps(
         mean_logits_N.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
     )
+    if "extra_index" in batch:
+        extra_logps_P, extra_mean_logits_P = losses.chunked_token_logps(
+            hidden_NxD[batch["extra_index"]],
+            unembedding,
+            batch["extra_label"],
+            chunk_size=chunk_size,
+            logit_softcap=model_config.final_logit_softcap,
+        )
+        valid_P = batch["pair_mask"]
+        logps_S = logps_S.at[1::2].add(jnp.where(valid_P, extra_logps_P, 0.0))
+        lengths_S = lengths_S.at[1::2].add(valid_P.astype(lengths_S.dtype))
+        logit_sums_S = logit_sums_S.at[1::2].add(jnp.where(valid_P, extra_mean_logits_P, 0.0))
     return logps_S, lengths_S, jax.lax.stop_gradient(logit_sums_S)
 
 
-def reference_logps(model_config: ModelConfig, ref_params, batch: dict, loss_config: LossConfig):
+def reference_logps(
+    model_config: ModelConfig,
+    ref_params,
+    batch: dict,
+    loss_config: LossConfig,
+    padded_rows: bool = False,
+):
     """Per-sequence reference log-probs [S]: None for reference-free losses; precomputed
     ones when the batch carries them (`ref_logps`, then `ref_params` is None); else a
     forward pass of the frozen reference."""
@@ -86,14 +117,23 @@ def reference_logps(model_config: ModelConfig, ref_params, batch: dict, loss_con
         return None
     if "ref_logps" in batch:
         return batch["ref_logps"]
-    logps_S, _, _ = sequence_stats(model_config, ref_params, batch, loss_config.logits_chunk_size)
+    logps_S, _, _ = sequence_stats(
+        model_config, ref_params, batch, loss_config.logits_chunk_size, padded_rows
+    )
     return jax.lax.stop_gradient(logps_S)
 
 
-def pair_sums(model_config: ModelConfig, loss_config: LossConfig, params, ref_logps_S, batch):
+def pair_sums(
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+    params,
+    ref_logps_S,
+    batch,
+    padded_rows: bool = False,
+):
     """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators})."""
     policy_S, lengths_S, logit_sums_S = sequence_stats(
-        model_config, params, batch, loss_config.logits_chunk_size
+        model_config, params, batch, loss_config.logits_chunk_size, padded_rows
     )
     pair_logps = losses.PairLogps.from_sequences(policy_S, ref_logps_S, lengths_S)
     pair_mask_P = batch["pair_mask"]
@@ -144,12 +184,14 @@ def train_step(
     loss_config: LossConfig,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    padded_rows: bool = False,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step over A micro-batches (leading axis of every batch array)."""
+    """One optimizer step over A micro-batches (leading axis of every batch array);
+    `padded_rows` when the batches are padded, one sequence per row (not packed)."""
 
     def objective(params, micro_batch):
-        ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config)
-        return pair_sums(model_config, loss_config, params, ref_S, micro_batch)
+        ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config, padded_rows)
+        return pair_sums(model_config, loss_config, params, ref_S, micro_batch, padded_rows)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -179,8 +221,11 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_sums(params, ref_params, batch: dict, *, model_config, loss_config) -> dict:
-    """Sums (not means) over one eval batch, so a whole eval set is normalised exactly."""
-    ref_S = reference_logps(model_config, ref_params, batch, loss_config)
-    _, sums = pair_sums(model_config, loss_config, params, ref_S, batch)
+def eval_sums(
+    params, ref_params, batch: dict, *, model_config, loss_config, padded_rows: bool = False
+) -> dict:
+    """Sums (not means) over one eval batch, so a whole eval set is normalised exactly.
+    `padded_rows`: as in train_step (True for data.eval_batches, which are padded)."""
+    ref_S = reference_logps(model_config, ref_params, batch, loss_config, padded_rows)
+    _, sums = pair_sums(model_config, loss_config, params, ref_S, batch, padded_rows)
     return sums

@@ -44,27 +44,53 @@ def peak_flops(device) -> tuple[float, str]:
     return cores * 2e9 * 32 / jax.local_device_count(), f"{name or 'cpu'} nominal"
 
 
-def sequence_flops(model_config, sequence_lengths, with_reference: bool) -> float:
-    """Model FLOPs of training on sequences of these lengths (no padding anywhere)."""
+def sequence_flops(model_config, sequence_lengths, with_reference: bool, signs=None) -> float:
+    """Model FLOPs of training on sequences of these lengths (no padding anywhere); `signs`
+    (±1 per length) lets a prefix-shared group count as two sequences minus its prompt."""
+    lengths = np.asarray(sequence_lengths).ravel()
+    signs = np.ones(len(lengths)) if signs is None else np.asarray(signs).ravel()
     total = 0.0
-    for n in np.asarray(sequence_lengths).ravel():
+    for n, sign in zip(lengths, signs, strict=True):
         n = int(n)
         if n <= 0:
             continue
         per_token = model.flops_per_token(model_config, n, backward=True)
         if with_reference:
             per_token += model.flops_per_token(model_config, n, backward=False)
-        total += per_token * n
+        total += sign * per_token * n
     return total
 
 
 def batch_sequence_lengths(batch: dict) -> np.ndarray:
     """Real lengths of every sequence of a host batch in the DESIGN layout (any leading
-    axes): tokens per (row, segment id ≠ 0)."""
+    axes): tokens per (row, segment id ≠ 0). A prefix-shared group is one length here."""
     segments = np.asarray(batch["segment_ids"])
-    rows = segments.reshape(-1, segments.shape[-1])
     lengths = []
-    for row in rows:
+    for row in segments.reshape(-1, segments.shape[-1]):
         counts = np.bincount(row)
         lengths.extend(int(c) for c in counts[1:] if c)
     return np.array(lengths, np.int64)
+
+
+def batch_flops(model_config, batch: dict, with_reference: bool) -> float:
+    """Model FLOPs of one host batch. A prefix-shared group [prompt | chosen | rejected]
+    (branch ids 0 / 1 / 2) counts as the sequences prompt+chosen and prompt+rejected less
+    the prompt it computes once: exactly its matmul and causal-attention FLOPs."""
+    branches = batch.get("branch_ids")
+    if branches is None:
+        return sequence_flops(model_config, batch_sequence_lengths(batch), with_reference)
+    segments = np.asarray(batch["segment_ids"])
+    width = segments.shape[-1]
+    branches = np.asarray(branches).reshape(-1, width)
+    lengths, signs = [], []
+    for row, row_branches in zip(segments.reshape(-1, width), branches, strict=True):
+        for segment in np.unique(row[row > 0]):
+            prompt, chosen, rejected = np.bincount(row_branches[row == segment], minlength=3)[:3]
+            lengths += [prompt + chosen, prompt + rejected, prompt]
+            signs += [1, 1, -1]
+    return sequence_flops(model_config, lengths, with_reference, signs)
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in the rows of a host batch."""
+    return int(np.count_nonzero(np.asarray(batch["segment_ids"])))

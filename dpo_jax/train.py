@@ -243,7 +243,7 @@ def precompute_reference(
     # The weights are an argument, not a closure: closed-over arrays become constants.
     forward = jax.jit(
         lambda weights, batch: sequence_stats(
-            model_config, weights, batch, loss_config.logits_chunk_size
+            model_config, weights, batch, loss_config.logits_chunk_size, padded_rows=True
         )[0],
         out_shardings=sharding.replicated(mesh),
     )
@@ -371,9 +371,7 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     data_settings = data.settings_from_config(config.data, config.model.max_length)
 
     # --- data: each process builds only the rows its own devices hold
-    from transformers import AutoTokenizer  # heavy import, only where needed
-
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or config.model.name)
+    tokenizer = hf.load_tokenizer(config.data.tokenizer or config.model.name)
     accumulation = int(t.gradient_accumulation_steps)
     sharding.check_batch_rows(
         2 * t.batch_size // accumulation,
@@ -456,13 +454,16 @@ def train(config, workdir: str, devices=None) -> TrainResult:
             loss_config=loss_config,
             optimizer=optimizer,
             schedule=schedule,
+            padded_rows=not iterator.packing,
         ),
         in_shardings=(shardings, ref_shardings, None),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        functools.partial(eval_sums, model_config=model_config, loss_config=loss_config)
+        functools.partial(
+            eval_sums, model_config=model_config, loss_config=loss_config, padded_rows=True
+        )
     )
     config_json = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
@@ -511,12 +512,11 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     def prepare(host_batch):
         # Only this process's rows are here; the slices of all processes are of equal size,
         # so the step's totals are estimated as process_count times this process's.
-        lengths = throughput.batch_sequence_lengths(host_batch)
         totals = jax.process_count() * np.array(
             [
-                lengths.sum(),
+                throughput.batch_tokens(host_batch),
                 np.count_nonzero(host_batch["pair_mask"]) / jax.process_count(),
-                throughput.sequence_flops(model_config, lengths, with_reference_forward),
+                throughput.batch_flops(model_config, host_batch, with_reference_forward),
             ]
         )
         return sharding.put_batch(host_batch, mesh, row_axis=1), totals

@@ -91,3 +91,30 @@ def assert_rows_close(a, b, rtol=1e-5, atol=1e-5, skip=THROUGHPUT):
         ):
             continue
         assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=atol), (key, a[key], b[key])
+
+
+# Packed rows whose every step takes exactly the next 8 pairs of the epoch order (8 pair
+# slots, rows to spare), with or without prefix sharing: the same pairs per step.
+PACKED = {
+    "data.packing": True,
+    "data.packed_pairs": 8,
+    "data.packed_rows": 16,
+    "training.max_steps": 4,
+    "eval.every_steps": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def packed_baseline(tmp_path_factory, small_validation):
+    """An uninterrupted packed run on one device, in-step reference, prefetch off."""
+    import jax
+
+    from dpo_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("packed_baseline"))
+    cache = str(tmp_path_factory.mktemp("packed_cache") / "data")
+    config = fast_config(
+        small_validation, **PACKED, **{"data.prefetch": 0, "data.cache_dir": cache}
+    )
+    result = train.train(config, workdir, devices=jax.devices()[:1])
+    return workdir, result

@@ -84,14 +84,69 @@ def test_packed_and_padded_give_the_same_loss():
     padded = data.padded_batch(pairs, 6, 24, 0)
     packed = data.packed_batch(pairs, 6, num_rows=12, row_length=24, pad_id=0)
     assert packed["segment_ids"].max() >= 2 and not packed["segment_ids"][6:].any()
+    shared = shared_batch(pairs, 6, num_rows=6, row_length=48)  # prompts computed once
     loss_config = step.LossConfig(sft_loss_weight=0.5)
     eval_sums = jax.jit(
-        functools.partial(step.eval_sums, model_config=model_config, loss_config=loss_config)
+        functools.partial(step.eval_sums, model_config=model_config, loss_config=loss_config),
+        static_argnames="padded_rows",
     )
-    metrics = [step.finalize(eval_sums(policy, reference, batch)) for batch in (padded, packed)]
+    metrics = [
+        step.finalize(eval_sums(policy, reference, batch, padded_rows=padded_rows))
+        for batch, padded_rows in ((padded, True), (packed, False), (shared, False))
+    ]
     assert abs(float(metrics[0]["loss"]) - np.log(2)) > 1e-3  # a real, non-trivial loss
-    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "sft_loss"):
-        np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=1e-5, atol=1e-5)
+    for other in metrics[1:]:
+        for key in (
+            "loss", "logps/chosen", "logps/rejected", "rewards/margins", "sft_loss",
+            "logits/chosen", "logits/rejected",
+        ):  # fmt: skip
+            np.testing.assert_allclose(other[key], metrics[0][key], rtol=1e-5, atol=1e-5)
+
+
+def shared_batch(pairs, num_pairs, num_rows, row_length):
+    """All of `pairs` as prefix-shared groups in one micro-batch, pair p in slot p."""
+    group_lengths = np.array([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs])
+    (plan,), left = data.batching.pack_step(
+        range(len(pairs)),
+        group_lengths,
+        None,
+        micro_batches=1,
+        rows=num_rows,
+        row_length=row_length,
+        pair_slots=num_pairs,
+    )
+    assert not left
+    return data.batching.fill_shared(
+        sorted(plan), pairs, num_rows=num_rows, row_length=row_length, num_pairs=num_pairs,
+        pad_id=0,
+    )  # fmt: skip
+
+
+def test_prefix_shared_layout():
+    pairs = [make_pair(4, 3, 5, 0), make_pair(2, 6, 1, 1), make_pair(5, 2, 2, 2)]
+    batch = shared_batch(pairs, num_pairs=4, num_rows=2, row_length=24)
+    assert batch["pair_mask"].tolist() == [True, True, True, False]
+    flat = {k: v.reshape(-1) for k, v in batch.items() if v.ndim == 2}
+    for p, pair in enumerate(pairs):
+        lp, lc, lr = (len(x) for x in (pair.prompt, pair.chosen, pair.rejected))
+        group = np.flatnonzero(
+            (flat["sequence_ids"] // 2 == p) & (flat["segment_ids"] > 0)
+        )  # one contiguous block: [prompt | chosen | rejected]
+        assert len(group) == lp + lc + lr and np.all(np.diff(group) == 1)
+        np.testing.assert_array_equal(
+            flat["tokens"][group], np.concatenate([pair.prompt, pair.chosen, pair.rejected])
+        )
+        np.testing.assert_array_equal(
+            flat["positions"][group], np.r_[np.arange(lp + lc), lp + np.arange(lr)]
+        )
+        np.testing.assert_array_equal(flat["branch_ids"][group], np.repeat([0, 1, 2], [lp, lc, lr]))
+        for side, completion in enumerate((pair.chosen, pair.rejected)):
+            trained = (flat["sequence_ids"] == 2 * p + side) & flat["loss_mask"]
+            # The rejected reply's first token is the extra prediction, from the prompt's end.
+            expected = completion if side == 0 else completion[1:]
+            np.testing.assert_array_equal(flat["labels"][trained], expected)
+        assert flat["tokens"][batch["extra_index"][p]] == pair.prompt[-1]
+        assert batch["extra_label"][p] == pair.rejected[0]
 
 
 def test_buckets_give_a_few_static_shapes():
@@ -126,12 +181,18 @@ def assert_same_batches(a, b):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_restored_iterator_yields_exactly_the_remaining_sequence(packing):
+LAYOUTS = {
+    "padded": dict(packing=False),
+    "packed": dict(packing=True),
+    "shared": dict(packing=True, prefix_sharing=True),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_restored_iterator_yields_exactly_the_remaining_sequence(layout):
     pairs = random_pairs(40, 32)
-    kwargs = dict(
-        batch_size=8, accumulation_steps=2, row_length=32, pad_id=0, seed=3, packing=packing
-    )
+    kwargs = dict(batch_size=8, accumulation_steps=2, row_length=32, pad_id=0, seed=3)
+    kwargs |= LAYOUTS[layout]
     stream = data.PairIterator(pairs, **kwargs)
     steps = stream.steps_per_epoch
     batches = [next(stream) for _ in range(2 * steps + 1)]  # crosses two epoch boundaries
@@ -202,13 +263,12 @@ def test_packing_reaches_90_percent_on_a_realistic_length_mix():
     assert report["pairs_per_step"]["min"] < report["pairs_per_step"]["max"]
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_rows_concatenate_to_the_global_batch(packing, process_count):
+def test_process_rows_concatenate_to_the_global_batch(layout, process_count):
     pairs = random_pairs(40, 32, seed=2)
-    kwargs = dict(
-        batch_size=8, accumulation_steps=2, row_length=32, pad_id=0, seed=0, packing=packing
-    )
+    kwargs = dict(batch_size=8, accumulation_steps=2, row_length=32, pad_id=0, seed=0)
+    kwargs |= LAYOUTS[layout]
     whole = data.PairIterator(pairs, **kwargs)
     parts = [
         data.PairIterator(pairs, **kwargs, process_index=k, process_count=process_count)
@@ -218,7 +278,7 @@ def test_process_rows_concatenate_to_the_global_batch(packing, process_count):
         expected = next(whole)
         local = [next(p) for p in parts]
         for key in expected:
-            if key == "pair_mask":  # pair-level arrays are whole on every process
+            if expected[key].ndim == 2:  # pair-level [A, P] arrays are whole on every process
                 for batch in local:
                     np.testing.assert_array_equal(batch[key], expected[key])
             else:

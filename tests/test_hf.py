@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax import serialization, traverse_util
 
-from dpo_jax import checkpoint, embedded, hf, model, sharding
+from dpo_jax import checkpoint, embedded, hf, hf_tensors, model, sharding
 from dpo_jax.step import TrainState
 
 V, D, F, L, N, K = 97, 64, 128, 2, 4, 2
@@ -226,10 +226,10 @@ def test_8_device_fsdp_mesh_loads_and_exports_like_one_device(saved, tmp_path, m
     shardings = nn.logical_to_mesh_sharding(
         model.logical_axes(config), mesh, sharding.DEFAULT_RULES
     )
-    read = hf._Safetensors.read
+    read = hf_tensors.Safetensors.read
     sizes = []
     monkeypatch.setattr(
-        hf._Safetensors, "read", lambda *a: sizes.append((out := read(*a)).size) or out
+        hf_tensors.Safetensors, "read", lambda *a: sizes.append((out := read(*a)).size) or out
     )
     _, sharded = hf.load_pretrained(folder, shardings=shardings)
     # Each device's slice is read once, replicas (the norms) once: every weight read once.
@@ -279,8 +279,36 @@ def test_errors_name_the_problem(saved, tmp_path):
     with pytest.raises(hf.HFError, match="does not use.*model.layers.1"):
         hf.load_pretrained(str(bad))
 
-    with pytest.raises(hf.HFError, match="HF_HUB_OFFLINE.*huggingface-cli download"):
+    with pytest.raises(hf.HFError, match="HF_HUB_OFFLINE.*hf download dpo-jax-tests/no-such"):
         hf.load_pretrained("dpo-jax-tests/no-such-model")
+
+
+def test_tokenizer_errors_are_one_line_and_say_what_fixes_them(tmp_path):
+    assert hf.load_tokenizer(embedded.TINY_MODEL_DIR).vocab_size > 0
+    name = "dpo-jax-tests/no-such-tokenizer"  # offline in tests (conftest): never fetched
+    with pytest.raises(hf.HFError) as caught:
+        hf.load_tokenizer(name)
+    message = str(caught.value)
+    assert "\n" not in message and "neither a local folder nor reachable" in message
+    assert f"hf download {name}" in message and "data.tokenizer" in message
+    with pytest.raises(hf.HFError, match="no such folder"):
+        hf.load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(hf.HFError, match="cannot load a tokenizer from this folder.*--model"):
+        hf.load_tokenizer(str(tmp_path), setting="--model")
+
+
+def test_data_cli_offline_hub_tokenizer_is_a_one_line_error(tmp_path):
+    """A hub model (configs/mistral_7b.py) with no network and an empty HF cache: the data CLI
+    names the model and the fix, and exits non-zero without a traceback."""
+    from conftest import REPO
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "dpo_jax.data", "--config", "configs/mistral_7b.py"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert "error: tokenizer 'mistralai/Mistral-7B-Instruct-v0.3'" in output
+    assert "hf download mistralai/Mistral-7B-Instruct-v0.3" in output
 
 
 def test_model_config_from_real_configs():

@@ -252,3 +252,52 @@ def test_init_params():
     tokens = np.arange(8).reshape(2, 4)
     np.testing.assert_array_equal(forward(config, boxed, tokens), forward(config, params, tokens))
     np.testing.assert_array_equal(M.unembedding(config, params), params["embed"]["embedding"].T)
+
+
+@pytest.mark.parametrize(
+    "config, lengths_only",
+    [
+        (PACK_CONFIG, True),
+        # Fall back to the mask: a sliding window (Mistral), Gemma 2's score cap.
+        (dataclasses.replace(TINY, sliding_window=3, architecture="MistralForCausalLM"), False),
+        (dataclasses.replace(TINY, attn_logit_softcap=5.0), False),
+    ],
+    ids=["lengths", "mistral_window", "softcap"],
+)
+def test_padded_rows_equal_the_mask_path(config, lengths_only, monkeypatch):
+    params = _random_params(config)
+    rng = np.random.default_rng(4)
+    lengths = np.array([8, 5, 1, 0])  # right-padded rows of different lengths, one empty
+    tokens = rng.integers(0, V, size=(4, 8))  # garbage under the padding too
+    segments = (np.arange(8)[None, :] < lengths[:, None]).astype(np.int32)
+    real = segments.astype(bool)
+    proj = jnp.asarray(rng.normal(size=(D,)).astype(np.float32))
+
+    calls = []
+    attention = jax.nn.dot_product_attention
+    monkeypatch.setattr(
+        jax.nn,
+        "dot_product_attention",
+        lambda *a, **kw: calls.append(kw.get("mask") is None) or attention(*a, **kw),
+    )
+
+    def run(padded_rows):
+        def loss(p):
+            h = M.hidden_states(config, p, tokens, None, segments, padded_rows=padded_rows)
+            return jnp.sum((h @ proj) * segments), h
+
+        (_, hidden), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return np.asarray(hidden), grads
+
+    hidden, grads = run(False)
+    assert not any(calls)  # without padded_rows, always a mask
+    calls.clear()
+    padded_hidden, padded_grads = run(True)
+    # Lengths instead of a mask, or the mask path (Gemma 2's capped attention is our own).
+    expected = {True} if lengths_only else {False} if config.attn_logit_softcap is None else set()
+    assert set(calls) == expected
+    assert np.isfinite(padded_hidden).all()  # padded query positions too
+    np.testing.assert_allclose(padded_hidden[real], hidden[real], atol=1e-5, rtol=0)
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    jax.tree.map(close, padded_grads, grads)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0.1  # non-trivial

@@ -7,9 +7,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import assert_rows_close, fast_config, read_metrics
+from conftest import PACKED, assert_rows_close, fast_config, read_metrics
 
-from dpo_jax import data, reference, sharding, train
+from dpo_jax import embedded, reference, sharding, train
 from dpo_jax.data.batching import reference_columns
 
 
@@ -38,57 +38,44 @@ def test_reference_columns_follow_the_pair_slots():
     np.testing.assert_array_equal(columns, [[6, 7, 0, 1, 0, 0], [18, 19, 0, 0, 0, 0]])
 
 
-def test_precomputed_reference_trains_like_the_reference_forward(small_validation, tmp_path):
-    """Packed batches (pair slots in packing order) with prefetch off and the in-step
-    reference, against precomputed log-probs with prefetch on: every metric within 1e-5.
-    A second run loads the tables from the cache and still samples the reference."""
-    common = {
-        "data.packing": True,
-        "data.cache_dir": str(tmp_path / "cache"),
-        "training.max_steps": 4,
-        "eval.every_steps": 2,
-    }
-    one_device = jax.devices()[:1]
-    forward = train.train(
-        fast_config(small_validation, **common, **{"data.prefetch": 0}),
-        str(tmp_path / "forward"),
-        devices=one_device,
-    )
-    assert forward.ref_params is not None
+def test_precomputed_reference_trains_like_the_reference_forward(
+    packed_baseline, small_validation, tmp_path
+):
+    """Packed batches (pair slots in packing order) with the in-step reference and prefetch
+    off, against precomputed log-probs with prefetch on: every metric within 1e-5. A second
+    run, on 8 devices, loads the tables from the cache and still samples the reference."""
+    common = PACKED | {"data.cache_dir": str(tmp_path / "cache" / "data")}
+    assert packed_baseline[1].ref_params is not None
     precomputed_config = fast_config(
         small_validation, **common, **{"training.precompute_ref_log_probs": True}
     )
-    precomputed = train.train(precomputed_config, str(tmp_path / "precomputed"), one_device)
+    precomputed = train.train(precomputed_config, str(tmp_path / "precomputed"), jax.devices()[:1])
     assert precomputed.ref_params is None
-    expected = read_metrics(str(tmp_path / "forward"))
+    expected = read_metrics(packed_baseline[0])
     got = read_metrics(str(tmp_path / "precomputed"))
     assert len(expected) == len(got) == 6  # 4 steps + 2 evals
     for a, b in zip(expected, got, strict=True):
         assert_rows_close(a, b)
 
-    tables = sorted(glob.glob(str(tmp_path / "reference_logps" / "*.npy")))
+    # Beside the tokenization cache: DIR/data → DIR/reference_logps.
+    tables = sorted(glob.glob(str(tmp_path / "cache" / "reference_logps" / "*.npy")))
     assert len(tables) == 2  # training data and validation data
     sizes = sorted(np.load(path).shape[0] for path in tables)
     assert sizes == [16, 3000]
     stamps = [os.stat(path).st_mtime_ns for path in tables]
 
-    # Again on 8 devices, with samples: the tables come from the cache (unchanged files);
-    # the reference's replies are sampled before training.
     again = fast_config(
         small_validation,
         **common
         | {
             "training.precompute_ref_log_probs": True,
             "training.max_steps": 1,
-            "eval.sample_prompts_file": data.__file__.replace(
-                "data/__init__.py", "embedded/data/validation_prompts.jsonl"
-            ),
+            "eval.sample_prompts_file": embedded.VALIDATION_PROMPTS_FILE,
             "eval.num_sample_prompts": 2,
             "eval.sample_max_new_tokens": 4,
         },
     )
     result = train.train(again, str(tmp_path / "again"))
-    assert [os.stat(path).st_mtime_ns for path in tables] == stamps
+    assert [os.stat(path).st_mtime_ns for path in tables] == stamps  # loaded, not rewritten
     assert "eval/samples/reference_preferred_rate" in result.eval_metrics
-    first = read_metrics(str(tmp_path / "again"))[0]
-    assert_rows_close(first, expected[0])
+    assert_rows_close(read_metrics(str(tmp_path / "again"))[0], expected[0])

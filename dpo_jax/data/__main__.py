@@ -17,6 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from dpo_jax.hf_config import HFError, load_tokenizer
+
 from .pipeline import build_data, settings_from_config, summary
 from .problems import DataError
 
@@ -66,12 +68,10 @@ def show_examples(tokenizer, batch: dict, count: int) -> str:
 
 def main(argv) -> None:
     del argv
-    from transformers import AutoTokenizer
-
     config = FLAGS.config
-    tokenizer = AutoTokenizer.from_pretrained(config.data.get("tokenizer") or config.model.name)
     t = config.training
     try:
+        tokenizer = load_tokenizer(config.data.get("tokenizer") or config.model.name)
         settings = settings_from_config(config.data, config.model.max_length)
         data = build_data(
             settings,
@@ -80,7 +80,7 @@ def main(argv) -> None:
             accumulation_steps=t.gradient_accumulation_steps,
             seed=t.seed,
         )
-    except DataError as error:
+    except (DataError, HFError) as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(data.report, indent=2))
     if FLAGS.report_out:

@@ -121,44 +121,48 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 def pack_step(
     window: Sequence[int],
     chosen_lengths: np.ndarray,
-    rejected_lengths: np.ndarray,
+    rejected_lengths: np.ndarray | None,
     *,
     micro_batches: int,
     rows: int,
     row_length: int,
     pair_slots: int,
-) -> tuple[list[list[tuple[int, Slot, Slot]]], list[int]]:
+) -> tuple[list[list[tuple]], list[int]]:
     """First-fit decreasing of whole pairs into one optimizer step.
 
     Pairs (longest first; ties keep window order) go to the first micro-batch with a free
-    pair slot whose rows fit both sequences, each sequence first-fit into its rows. Returns
-    per micro-batch [(pair index, chosen slot, rejected slot)] in slot order, and the pairs
-    of `window` that did not fit (in window order) for the next step.
+    pair slot whose rows fit every part of the pair, each part first-fit into its rows.
+    A pair's parts are its chosen and rejected sequences, or, with `rejected_lengths`
+    None, one prefix-shared group [prompt | chosen | rejected] of `chosen_lengths` tokens.
+    Returns per micro-batch [(pair index, slot per part…)] in slot order, and the pairs of
+    `window` that did not fit (in window order) for the next step.
     """
+    parts = (chosen_lengths,) if rejected_lengths is None else (chosen_lengths, rejected_lengths)
     free = np.full((micro_batches, rows), row_length, np.int64)
     segments = np.zeros((micro_batches, rows), np.int64)
     plans: list[list] = [[] for _ in range(micro_batches)]
     placed = set()
-    for i in sorted(window, key=lambda i: -(chosen_lengths[i] + rejected_lengths[i])):
-        lengths = (int(chosen_lengths[i]), int(rejected_lengths[i]))
-        longer = 0 if lengths[0] >= lengths[1] else 1
+    for i in sorted(window, key=lambda i: -sum(int(lengths[i]) for lengths in parts)):
+        lengths = [int(part[i]) for part in parts]
+        order = sorted(range(len(parts)), key=lambda k: -lengths[k])  # longer part first
         counts = np.array([len(p) for p in plans])
-        for a in np.flatnonzero((counts < pair_slots) & (free >= lengths[longer]).any(1)):
-            slots: list = [None, None]
-            for side in (longer, 1 - longer):
-                fits = free[a] >= lengths[side]
+        for a in np.flatnonzero((counts < pair_slots) & (free >= lengths[order[0]]).any(1)):
+            slots: list = [None] * len(parts)
+            for k in order:
+                fits = free[a] >= lengths[k]
                 if not fits.any():
                     break
                 row = int(np.argmax(fits))
                 segments[a, row] += 1
-                slots[side] = (row, row_length - int(free[a, row]), int(segments[a, row]))
-                free[a, row] -= lengths[side]
-            if slots[1 - longer] is None:  # undo the longer one
-                row, _, _ = slots[longer]
-                free[a, row] += lengths[longer]
-                segments[a, row] -= 1
+                slots[k] = (row, row_length - int(free[a, row]), int(segments[a, row]))
+                free[a, row] -= lengths[k]
+            if any(slot is None for slot in slots):  # undo the parts already placed
+                for slot, length in zip(slots, lengths, strict=True):
+                    if slot is not None:
+                        free[a, slot[0]] += length
+                        segments[a, slot[0]] -= 1
                 continue
-            plans[a].append((i, slots[0], slots[1]))
+            plans[a].append((i, *slots))
             placed.add(i)
             break
     return plans, [i for i in window if i not in placed]
@@ -186,6 +190,71 @@ def fill_packed(
                 write_sequence(
                     batch, row - start, offset, segment, 2 * p + side, pair.prompt, completion
                 )
+    return batch
+
+
+def write_group(
+    batch: dict,
+    row: int,
+    start: int,
+    segment: int,
+    pair_slot: int,
+    prompt: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+) -> int:
+    """Writes one prefix-shared pair [prompt | chosen | rejected] at batch[row, start:].
+
+    The rejected reply continues the prompt's positions and sees the prompt but not the
+    chosen reply (branch ids 0 / 1 / 2: a key of branch b > 0 is visible only to queries of
+    the same branch). Its first token is predicted from the prompt's last position, which
+    already predicts the chosen reply's first token: that one prediction is carried per
+    pair slot (extra_index, extra_label) and computed apart (step.sequence_stats)."""
+    lp, lc, lr = len(prompt), len(chosen), len(rejected)
+    tokens = np.concatenate([prompt, chosen, rejected])
+    end = start + len(tokens)
+    batch["tokens"][row, start:end] = tokens
+    batch["positions"][row, start:end] = np.concatenate([np.arange(lp + lc), lp + np.arange(lr)])
+    batch["segment_ids"][row, start:end] = segment
+    batch["branch_ids"][row, start:end] = np.repeat([0, 1, 2], [lp, lc, lr])
+    batch["sequence_ids"][row, start:end] = 2 * pair_slot
+    batch["sequence_ids"][row, start + lp + lc : end] = 2 * pair_slot + 1
+    # Prompt and chosen: position t predicts t+1, the chosen reply's tokens are trained.
+    batch["labels"][row, start : start + lp + lc - 1] = tokens[1 : lp + lc]
+    batch["loss_mask"][row, start + lp - 1 : start + lp + lc - 1] = True
+    # Rejected: its tokens after the first (the first is the extra prediction).
+    batch["labels"][row, start + lp + lc : end - 1] = rejected[1:]
+    batch["loss_mask"][row, start + lp + lc : end - 1] = True
+    return end
+
+
+def fill_shared(
+    plan: Sequence[tuple[int, Slot]],
+    pairs: Sequence[TokenizedPair],
+    *,
+    num_rows: int,
+    row_length: int,
+    num_pairs: int,
+    pad_id: int,
+    rows: tuple[int, int] | None = None,
+) -> dict:
+    """One packed micro-batch of prefix-shared pairs (see write_group) from its plan."""
+    start, stop = rows or (0, num_rows)
+    batch = empty_batch(stop - start, row_length, num_pairs, pad_id)
+    batch["branch_ids"] = np.zeros((stop - start, row_length), np.int32)
+    # Pair-level (whole on every process): the flat index of the prompt's last token in
+    # the rows of all processes, and the rejected reply's first token.
+    batch["extra_index"] = np.zeros((num_pairs,), np.int32)
+    batch["extra_label"] = np.full((num_pairs,), pad_id, np.int32)
+    for p, (i, (row, offset, segment)) in enumerate(plan):
+        pair = pairs[i]
+        batch["pair_mask"][p] = True
+        batch["extra_index"][p] = row * row_length + offset + len(pair.prompt) - 1
+        batch["extra_label"][p] = pair.rejected[0]
+        if start <= row < stop:
+            write_group(
+                batch, row - start, offset, segment, p, pair.prompt, pair.chosen, pair.rejected
+            )
     return batch
 
 

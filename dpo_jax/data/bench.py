@@ -71,11 +71,13 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--scale", type=float, default=1.0, help="times the median lengths")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
     from dpo_jax import embedded
+    from dpo_jax.hf_config import HFError, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or embedded.TINY_MODEL_DIR)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or embedded.TINY_MODEL_DIR, setting="--tokenizer")
+    except HFError as error:
+        raise SystemExit(f"error: {error}") from None
     out = args.out or tempfile.mkdtemp(prefix="dpo_jax_bench_")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "pairs.jsonl")

@@ -20,6 +20,7 @@ import numpy as np
 from .batching import (
     bucket_for,
     fill_packed,
+    fill_shared,
     pack_step,
     padded_batch,
     process_rows,
@@ -63,6 +64,7 @@ class PairIterator:
         packing: bool = False,
         packed_rows: int = 0,
         packed_pairs: int = 0,
+        prefix_sharing: bool = False,
         sources: Sequence[tuple[int, float]] | None = None,
         process_index: int = 0,
         process_count: int = 1,
@@ -77,6 +79,12 @@ class PairIterator:
         self.row_length, self.pad_id = row_length, pad_id
         self.buckets = tuple(buckets) or (row_length,)
         self.packing = packing
+        # Prefix sharing: each pair is one [prompt | chosen | rejected] group in rows twice
+        # as long (a group holds up to two sequences of row_length minus one prompt).
+        self.prefix_sharing = prefix_sharing
+        if prefix_sharing and not packing:
+            raise DataError("config data.prefix_sharing=True needs data.packing=True")
+        self.pack_length = 2 * row_length if prefix_sharing else row_length
         self.process_index, self.process_count = process_index, process_count
         # (size, weight) per source, in the order the sources are concatenated in `pairs`.
         self.sources = list(sources) if sources else None
@@ -89,12 +97,16 @@ class PairIterator:
         )
         self.chosen_lengths = np.array([len(p.prompt) + len(p.chosen) for p in pairs], np.int64)
         self.rejected_lengths = np.array([len(p.prompt) + len(p.rejected) for p in pairs], np.int64)
+        self.group_lengths = np.array(
+            [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs], np.int64
+        )
         micro = batch_size // accumulation_steps
         if packing:
-            self.rows = packed_rows or 2 * micro
-            mean_pair = float((self.chosen_lengths + self.rejected_lengths).mean()) if pairs else 1
+            # The same tokens per micro-batch with or without prefix sharing by default.
+            self.rows = packed_rows or (micro if prefix_sharing else 2 * micro)
+            mean_pair = float(self.pair_tokens.mean()) if pairs else 1
             self.pair_slots = (
-                packed_pairs or -(-int(1.5 * self.rows * row_length / mean_pair) // 8) * 8
+                packed_pairs or -(-int(1.5 * self.rows * self.pack_length / mean_pair) // 8) * 8
             )
         else:
             self.rows, self.pair_slots = 2 * micro, micro
@@ -111,6 +123,13 @@ class PairIterator:
         self.index = 0  # steps already taken from this epoch
         self._plan: tuple[int, list] | None = None  # (epoch, packed steps) of the last epoch
         self._steps: dict[int, int] = {}  # packed steps per epoch
+
+    @property
+    def pair_tokens(self) -> np.ndarray:
+        """Row tokens each pair takes: both sequences, or its prefix-shared group."""
+        if self.prefix_sharing:
+            return self.group_lengths
+        return self.chosen_lengths + self.rejected_lengths
 
     # ------------------------------------------------------------------- order and plan
 
@@ -135,8 +154,8 @@ class PairIterator:
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
         order = list(self.epoch_order(epoch))
-        capacity = self.accumulation_steps * self.rows * self.row_length
-        mean_pair = float((self.chosen_lengths + self.rejected_lengths).mean())
+        capacity = self.accumulation_steps * self.rows * self.pack_length
+        mean_pair = float(self.pair_tokens.mean())
         window_size = min(
             self.accumulation_steps * self.pair_slots, int(1.5 * capacity / mean_pair) + 8
         )
@@ -147,11 +166,11 @@ class PairIterator:
             next_pair += take
             plan, waiting = pack_step(
                 waiting,
-                self.chosen_lengths,
-                self.rejected_lengths,
+                self.group_lengths if self.prefix_sharing else self.chosen_lengths,
+                None if self.prefix_sharing else self.rejected_lengths,
                 micro_batches=self.accumulation_steps,
                 rows=self.rows,
-                row_length=self.row_length,
+                row_length=self.pack_length,
                 pair_slots=self.pair_slots,
             )
             steps.append(plan)
@@ -185,6 +204,7 @@ class PairIterator:
                     self.row_length,
                     self.buckets,
                     self.packing,
+                    self.prefix_sharing,
                     self.rows,
                     self.pair_slots,
                     self.sources,
@@ -212,7 +232,7 @@ class PairIterator:
     def step_pairs(self, epoch: int, index: int) -> list:
         """The pair indices of one step, per micro-batch (pair slot order)."""
         if self.packing:
-            return [[i for i, _, _ in plan] for plan in self.packed_plan(epoch)[index]]
+            return [[entry[0] for entry in plan] for plan in self.packed_plan(epoch)[index]]
         order = self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         return [list(x) for x in np.split(order, self.accumulation_steps)]
 
@@ -226,13 +246,14 @@ class PairIterator:
 
     def _build_rows(self, epoch: int, index: int) -> dict:
         if self.packing:
+            fill = fill_shared if self.prefix_sharing else fill_packed
             return stack_batches(
                 [
-                    fill_packed(
+                    fill(
                         plan,
                         self.pairs,
                         num_rows=self.rows,
-                        row_length=self.row_length,
+                        row_length=self.pack_length,
                         num_pairs=self.pair_slots,
                         pad_id=self.pad_id,
                         rows=self.row_range,
@@ -295,10 +316,10 @@ class PairIterator:
         for index in range(self.steps_in_epoch(epoch)):
             micro = self.step_pairs(epoch, index)
             step = [i for m in micro for i in m]
-            real += int(self.chosen_lengths[step].sum() + self.rejected_lengths[step].sum())
+            real += int(self.pair_tokens[step].sum())
             pairs_per_step.append(len(step))
             if self.packing:
-                row_length = self.row_length
+                row_length = self.pack_length
             else:
                 longest = max(max(self.chosen_lengths[step]), max(self.rejected_lengths[step]))
                 row_length = bucket_for(int(longest), self.buckets)
@@ -307,7 +328,11 @@ class PairIterator:
         key = "packing_efficiency" if self.packing else "padding_efficiency"
         counts = np.array(pairs_per_step or [0])
         report = {
-            "mode": "packed" if self.packing else "padded",
+            "mode": "packed, prefix-shared"
+            if self.prefix_sharing
+            else "packed"
+            if self.packing
+            else "padded",
             key: round(real / max(slots, 1), 4),
             "steps_per_epoch": len(pairs_per_step),
             "rows_per_micro_batch": self.rows,

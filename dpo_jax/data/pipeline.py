@@ -46,6 +46,7 @@ class DataSettings:
     packing: bool = False
     packed_rows: int = 0  # rows per micro-batch (0 = 2 · batch_size / accumulation)
     packed_pairs: int = 0  # pair slots per micro-batch (0 = from the mean pair length)
+    prefix_sharing: bool = False  # packed [prompt | chosen | rejected] groups, prompt once
     bucket_lengths: tuple[int, ...] | str = ()  # padded row lengths ("auto", (), or lengths)
     shuffle: bool = True
     num_proc: int = 0  # tokenization workers (0 = automatic)
@@ -103,6 +104,7 @@ def settings_from_config(d, model_max_length: int | None = None) -> DataSettings
         packing=bool(get("packing", False)),
         packed_rows=int(get("packed_rows", 0)),
         packed_pairs=int(get("packed_pairs", 0)),
+        prefix_sharing=bool(get("prefix_sharing", False)),
         bucket_lengths=buckets if isinstance(buckets, str) else tuple(buckets),
         shuffle=bool(get("shuffle", True)),
         num_proc=int(get("num_proc", 0)),
@@ -290,6 +292,7 @@ def build_data(
         packing=settings.packing,
         packed_rows=settings.packed_rows,
         packed_pairs=settings.packed_pairs,
+        prefix_sharing=settings.prefix_sharing,
         sources=list(zip(sizes, weights, strict=True)) if weights else None,
         process_index=process_index,
         process_count=process_count,
@@ -301,7 +304,7 @@ def build_data(
     report = {
         "train": train_report,
         "validation": eval_reports,
-        "batching": {"row_length": settings.max_seq_length, "buckets": list(iterator.buckets)}
+        "batching": {"row_length": iterator.pack_length, "buckets": list(iterator.buckets)}
         | iterator.efficiency(0),
     }
     return Data(iterator, evals, report)

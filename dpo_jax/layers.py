@@ -1,0 +1,345 @@
+"""The Flax modules of one decoder layer: RMSNorm, RoPE, grouped-query attention (training,
+padded-row and KV-cache paths), the gated MLP, and the pre-norm Block that dpo_jax.model scans.
+
+Shape legend: B rows, T tokens, S key tokens, D model, N query heads, K kv heads, G query heads
+per kv head, H head dim, F mlp.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.model_config import ACTIVATIONS, ModelConfig, rope_inv_freq
+
+INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+
+
+def rope_cos_sin(config: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    freqs_BxTxh = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(config)
+    emb_BxTxH = jnp.concatenate([freqs_BxTxh, freqs_BxTxh], axis=-1)
+    return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
+
+
+def _apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    # fp32 rotation; rotate_half pairs dim i with i + H/2 (HF layout, not interleaved).
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_BxTxH[:, :, None, :] + rotated * sin_BxTxH[:, :, None, :]
+    return out.astype(x_BxTxNxH.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, computed in fp32.
+
+    With unit_offset the stored scale s multiplies as (1 + s) and starts at 0 (Gemma)."""
+
+    eps: float
+    dtype: str
+    param_dtype: str
+    unit_offset: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(init, ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        scale32 = scale.astype(jnp.float32) + (1.0 if self.unit_offset else 0.0)
+        return (x32 * scale32).astype(self.dtype)
+
+
+def norm_layer(config: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(
+        config.rms_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        unit_offset=config.rms_norm_unit_offset,
+        name=name,
+    )
+
+
+class Einsum(nn.Module):
+    """A kernel of `shape` applied by einsum `eqn`; optional bias over the kernel's output dims."""
+
+    eqn: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    dtype: str
+    param_dtype: str
+    bias_axes: tuple[str, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(INIT, self.axes)
+        kernel = self.param("kernel", init, self.shape, self.param_dtype)
+        y = jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes is not None:
+            bias_shape = self.shape[-len(self.bias_axes) :]
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes)
+            y = y + self.param("bias", bias_init, bias_shape, self.param_dtype).astype(self.dtype)
+        return y
+
+
+def _softcap_attention(
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, softcap, is_causal=True
+):
+    """GQA attention with Gemma 2's score cap: cap * tanh(q.k * scale / cap), fp32 scores and
+    softmax (jax.nn.dot_product_attention has no soft-capping)."""
+    b, t, n, h = q_BxTxNxH.shape
+    k = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    scores_BxKxGxTxS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
+    scores_BxKxGxTxS = softcap * jnp.tanh(scores_BxKxGxTxS * scale / softcap)
+    visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
+    if is_causal:
+        visible_Bx1x1xTxS &= jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))
+    scores_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, scores_BxKxGxTxS, -1e30)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
+def _padded_rows_attention(
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, scale, implementation
+):
+    """Causal attention of right-padded rows (one sequence per row, from index 0; segment id 0
+    only on trailing padding), told to the kernel as sequence lengths rather than a mask:
+    cuDNN runs lengths inside its flash kernel (PADDING_CAUSAL) but any [B, 1, T, S] mask
+    only as a dense bias, which is much slower."""
+    valid_BxTx1x1 = (segment_ids_BxT != 0)[:, :, None, None]
+    lengths_B = jnp.sum(segment_ids_BxT != 0, axis=1, dtype=jnp.int32)
+    # What a kernel leaves at padded positions (outputs, and dq/dk/dv in the backward pass) is
+    # its own business: JAX's XLA path zeroes them, a fused kernel need not. Selecting zeros
+    # on the way in and out keeps it from ever reaching a real token or a parameter gradient
+    # (a select's gradient drops the unselected side, NaN included); a fused elementwise pass.
+    zero_padding = lambda x: jnp.where(valid_BxTx1x1, x, jnp.zeros((), x.dtype))
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        zero_padding(q_BxTxNxH),
+        zero_padding(k_BxTxKxH),
+        zero_padding(v_BxTxKxH),
+        scale=scale,
+        is_causal=True,
+        query_seq_lengths=lengths_B,
+        key_value_seq_lengths=lengths_B,
+        implementation=implementation,
+    )
+    return zero_padding(out_BxTxNxH)
+
+
+def _masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, config, *, is_causal, impl):
+    scale = (config.query_pre_attn_scalar or config.resolved_head_dim) ** -0.5
+    if config.attn_logit_softcap is not None:
+        return _softcap_attention(
+            q_BxTxNxH,
+            k_BxSxKxH,
+            v_BxSxKxH,
+            mask_Bx1xTxS,
+            scale=scale,
+            softcap=config.attn_logit_softcap,
+            is_causal=is_causal,
+        )
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH,
+        k_BxSxKxH,
+        v_BxSxKxH,
+        mask=mask_Bx1xTxS,
+        scale=scale,
+        is_causal=is_causal,
+        implementation=impl,
+    )
+
+
+class Attention(nn.Module):
+    """Grouped-query attention, causal within each segment (and within `window` if > 0).
+
+    With decode=True the keys and values come from the KV cache instead (see `_cached`).
+    With padded_rows=True the caller promises right-padded rows (see `_padded_rows_attention`);
+    configs without sliding windows or score caps then pass lengths, not a mask, to the kernel
+    (the others, and decoding, ignore it). Prefix-shared rows add branch ids: 0 for the
+    shared prompt, 1 / 2 for the two replies; a reply's keys are hidden from the other's."""
+
+    config: ModelConfig
+    decode: bool = False
+    padded_rows: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxTxD,
+        cos_BxTxH,
+        sin_BxTxH,
+        positions_BxT,
+        segment_ids_BxT,
+        window,
+        branch_ids_BxT=None,
+    ):
+        c = self.config
+        d, h, n, k = c.hidden_size, c.resolved_head_dim, c.num_heads, c.num_kv_heads
+        dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+        q_bias = ("heads", "head_dim") if c.attention_bias else None
+        kv_bias = ("kv_heads", "head_dim") if c.attention_bias else None
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        q_BxTxNxH = Einsum(
+            "BTD,DNH->BTNH",
+            (d, n, h),
+            ("embed", "heads", "head_dim"),
+            bias_axes=q_bias,
+            name="q_proj",
+            **dt,
+        )(x_BxTxD)
+        k_BxTxKxH = Einsum(
+            "BTD,DKH->BTKH", (d, k, h), kv_axes, bias_axes=kv_bias, name="k_proj", **dt
+        )(x_BxTxD)
+        v_BxTxKxH = Einsum(
+            "BTD,DKH->BTKH", (d, k, h), kv_axes, bias_axes=kv_bias, name="v_proj", **dt
+        )(x_BxTxD)
+        if c.qk_norm:
+            q_BxTxNxH = RMSNorm(c.rms_norm_eps, name="q_norm", **dt)(q_BxTxNxH)
+            k_BxTxKxH = RMSNorm(c.rms_norm_eps, name="k_norm", **dt)(k_BxTxKxH)
+        q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
+        k_BxTxKxH = _apply_rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
+        if self.decode:
+            k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = self._cached(
+                k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window
+            )
+            # The cache mask holds causality. cuDNN's flash kernels gain nothing on one query
+            # and take arbitrary masks only as a bias; decoding uses XLA's.
+            out_BxTxNxH = _masked_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, c, is_causal=False, impl=None
+            )
+        elif (
+            self.padded_rows
+            and branch_ids_BxT is None
+            and c.sliding_window is None
+            and c.attn_logit_softcap is None
+        ):
+            out_BxTxNxH = _padded_rows_attention(
+                q_BxTxNxH,
+                k_BxTxKxH,
+                v_BxTxKxH,
+                segment_ids_BxT,
+                scale=(c.query_pre_attn_scalar or h) ** -0.5,
+                implementation=c.attention_impl,
+            )
+        else:
+            # Causal by index in the row AND same segment. Padding (segment 0) attends to
+            # padding and every token sees itself, so no softmax row is empty (no NaN).
+            mask_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+            if c.sliding_window is not None:
+                # transformers' sliding window: key index > query index - window. `window` is
+                # traced under scan (alternating layers share one compiled body); 0 = a
+                # full-attention layer.
+                index_T = jnp.arange(x_BxTxD.shape[1])
+                distance_TxS = index_T[:, None] - index_T[None, :]
+                mask_Bx1xTxS &= (window <= 0) | (distance_TxS < window)
+            if branch_ids_BxT is not None:
+                key_branch_Bx1x1xS = branch_ids_BxT[:, None, None, :]
+                mask_Bx1xTxS &= (key_branch_Bx1x1xS == 0) | (
+                    key_branch_Bx1x1xS == branch_ids_BxT[:, None, :, None]
+                )
+            # Causal by index (is_causal): the fast kernels' own mask.
+            out_BxTxNxH = _masked_attention(
+                q_BxTxNxH,
+                k_BxTxKxH,
+                v_BxTxKxH,
+                mask_Bx1xTxS,
+                c,
+                is_causal=True,
+                impl=c.attention_impl,
+            )
+        return Einsum(
+            "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dt
+        )(out_BxTxNxH)
+
+    def _cached(self, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window):
+        """Writes this call's keys/values into the cache at slot = position (tokens with
+        segment id 0, or past the cache, are not written) and returns the whole cache with
+        the mask of the slots each query sees."""
+        # At init (init_cache) the input is [B, S] and fixes the cache length S.
+        cached_k = self.variable("cache", "k", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+        cached_v = self.variable("cache", "v", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
+        filled = self.variable("cache", "filled", jnp.zeros, positions_BxT.shape, bool)
+        s = filled.value.shape[1]
+        slots_BxT = jnp.where(segment_ids_BxT != 0, positions_BxT, s)  # s: dropped
+        rows_Bx1 = jnp.arange(slots_BxT.shape[0])[:, None]
+        cached_k.value = cached_k.value.at[rows_Bx1, slots_BxT].set(k_BxTxKxH, mode="drop")
+        cached_v.value = cached_v.value.at[rows_Bx1, slots_BxT].set(v_BxTxKxH, mode="drop")
+        filled.value = filled.value.at[rows_Bx1, slots_BxT].set(True, mode="drop")
+        distance_BxTxS = positions_BxT[:, :, None] - jnp.arange(s)
+        mask_BxTxS = filled.value[:, None, :] & (distance_BxTxS >= 0)
+        if self.config.sliding_window is not None:
+            mask_BxTxS &= (window <= 0) | (distance_BxTxS < window)
+        return cached_k.value, cached_v.value, mask_BxTxS[:, None]
+
+
+class Mlp(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU, or GeGLU (tanh gelu) for Gemma."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        c = self.config
+        d, f = c.hidden_size, c.intermediate_size
+        dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+        gate_BxTxF = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), name="gate_proj", **dt)(
+            x_BxTxD
+        )
+        up_BxTxF = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), name="up_proj", **dt)(x_BxTxD)
+        h_BxTxF = ACTIVATIONS[c.mlp_activation](gate_BxTxF) * up_BxTxF
+        return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), name="down_proj", **dt)(h_BxTxF)
+
+
+class Kernel(nn.Module):
+    """A bare kernel parameter (the untied lm_head, applied outside the module)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        init = nn.with_logical_partitioning(INIT, self.axes)
+        return self.param("kernel", init, self.shape, self.param_dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer (plus Gemma 2's post-norms); returns (x, None) for nn.scan."""
+
+    config: ModelConfig
+    decode: bool = False
+    padded_rows: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxTxD,
+        cos_BxTxH,
+        sin_BxTxH,
+        positions_BxT,
+        segment_ids_BxT,
+        window,
+        branch_ids_BxT=None,
+    ):
+        c = self.config
+        y_BxTxD = norm_layer(c, "attn_norm")(x_BxTxD)
+        y_BxTxD = Attention(c, self.decode, self.padded_rows, name="attn")(
+            y_BxTxD, cos_BxTxH, sin_BxTxH, positions_BxT, segment_ids_BxT, window, branch_ids_BxT
+        )
+        if c.post_norms:
+            y_BxTxD = norm_layer(c, "post_attn_norm")(y_BxTxD)
+        x_BxTxD = x_BxTxD + y_BxTxD
+        y_BxTxD = Mlp(c, name="mlp")(norm_layer(c, "mlp_norm")(x_BxTxD))
+        if c.post_norms:
+            y_BxTxD = norm_layer(c, "post_mlp_norm")(y_BxTxD)
+        return x_BxTxD + y_BxTxD, None

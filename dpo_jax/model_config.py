@@ -1,0 +1,151 @@
+"""ModelConfig: the architecture and runtime options of the decoder, and what follows from
+them alone (parameter count, model FLOPs, RoPE frequencies).
+
+Kept apart from the Flax modules (dpo_jax.layers, dpo_jax.model), which import it, as does
+dpo_jax.hf_config. dpo_jax.model re-exports every public name here; import them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 ("llama3" rope_type) frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture plus runtime options; hashable so it can be a static jit argument."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    max_position_embeddings: int = 2048
+    # A query sees itself and the sliding_window - 1 keys before it (transformers' rule) in
+    # the layers that layer_types marks "sliding_attention"; layer_types=None with a window
+    # means every layer (Mistral).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # "sliding_attention" | "full_attention" per layer
+    mlp_activation: Literal["silu", "gelu_tanh"] = "silu"  # gate activation (gelu_tanh: Gemma)
+    rms_norm_unit_offset: bool = False  # norms apply (1 + scale); scales init to 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings * sqrt(hidden_size) in the compute dtype (Gemma)
+    post_norms: bool = False  # RMSNorm on attention / mlp outputs before the residual (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (None: H)
+    attn_logit_softcap: float | None = None  # cap * tanh(scores / cap) before the mask (Gemma 2)
+    # Applied to the output logits by `forward`; the vocab-chunked log-prob of the trainer must
+    # apply it too (losses.chunked_token_logps(..., logit_softcap=final_logit_softcap)).
+    final_logit_softcap: float | None = None
+    architecture: str = "LlamaForCausalLM"  # the HF class this config came from / exports as
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: Literal["xla", "cudnn"] | None = None
+    remat_policy: Literal["none", "dots_saveable", "full"] = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.layer_types, list):  # keep the config hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} not a multiple of {self.num_kv_heads=}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} not in {list(REMAT_POLICIES)}")
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(f"mlp_activation={self.mlp_activation!r} not in {list(ACTIVATIONS)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"{self.layer_types=} has not {self.num_layers} entries")
+            unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
+            if unknown:
+                raise ValueError(f"layer_types {sorted(unknown)}: sliding_attention|full_attention")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None)")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per-layer attention window (0 = the whole causal prefix)."""
+        if self.sliding_window is None:
+            return (0,) * self.num_layers
+        types = self.layer_types or ("sliding_attention",) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
+
+
+# The functions behind ModelConfig's string choices (validated in __post_init__).
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+REMAT_POLICIES = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def num_params(config: ModelConfig) -> int:
+    """Exact number of parameters."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    n, k = config.num_heads, config.num_kv_heads
+    layer = 2 * d * n * h + 2 * d * k * h + 3 * d * f + 2 * d
+    layer += (n + 2 * k) * h if config.attention_bias else 0
+    layer += 2 * h if config.qk_norm else 0
+    layer += 2 * d if config.post_norms else 0
+    head = 0 if config.tie_word_embeddings else d * config.vocab_size
+    return config.vocab_size * d + config.num_layers * layer + d + head
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True) -> float:
+    """Model FLOPs per token: 2 per matmul weight plus causal attention; x3 with backward."""
+    d, h = config.hidden_size, config.resolved_head_dim
+    n, k = config.num_heads, config.num_kv_heads
+    matmul = config.num_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * config.intermediate_size)
+    matmul += d * config.vocab_size  # unembedding (the embedding lookup is free)
+    # QK^T and PV: 4*N*H FLOPs per visible key; causal rows see seq_len/2 keys on average, and
+    # a window W < seq_len leaves W - W^2 / (2 seq_len) of them.
+    attention = 0.0
+    for window in config.layer_windows:
+        visible = seq_len / 2 if not 0 < window < seq_len else window - window**2 / (2 * seq_len)
+        attention += 4 * n * h * visible
+    return (3.0 if backward else 1.0) * (2 * matmul + attention)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """[H/2] float32 inverse frequencies, as transformers computes them (incl. llama3 scaling)."""
+    dim = config.resolved_head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.float32(config.rope_theta) ** exponent).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    old_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_len / s.low_freq_factor
+    high_freq_wavelen = old_len / s.high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
