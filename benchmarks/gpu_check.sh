@@ -1,35 +1,56 @@
 #!/usr/bin/env bash
-# One short GPU check: dpo_jax.bench and TRL's DPOTrainer (benchmarks/trl_dpo.py) on the same
-# model, pairs and batch, on one GPU, then a side-by-side table. See benchmarks/README.md.
+# One GPU session's check of issue 7's targets: dpo_jax.bench and TRL's DPOTrainer
+# (benchmarks/trl_dpo.py) on the same model, pairs and batch, one run at a time, then the
+# side-by-side table. See benchmarks/README.md for what each case measures.
 #
 # Through the device tool (from the repository root, after `bash benchmarks/fetch_wheels.sh`
-# here):  command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 540.
+# here):  command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 560.
 # Elsewhere: bash benchmarks/gpu_check.sh   (OUT defaults to /tmp/gpu_check_out)
 #
+# Runs, in priority order (a run starts only if MIN_RUN seconds remain before DEADLINE; each
+# has its own timeout, cut to what remains; a failed or timed-out run is recorded and the
+# next one starts):
+#   a_jax   Llama-3.2-1B shape, 4 pairs of 512 + 512, pure bf16, reference in the step
+#   a_trl   the same through TRL (issue 7 quotes 18.4 pairs/s for it)
+#   b_jax   HH-like length mix, 8 pairs per step, rows of 1024, packed
+#   b_trl   the same pairs through TRL (padded to the longest row of the batch)
+#   c_jax   "a" with fp32 master weights and fp32 Adam (bf16 compute): memory against a_jax
+#   d_jax   Llama-3.1-8B shape, precomputed reference log-probs, bf16 weights and Adam,
+#           8 rows of 1024 = 8192 tokens per micro-batch, full remat
+#   e_jax   "a" with remat dots_saveable (against a_jax's none)
+#   c_trl   "c" through TRL (--param_dtype float32: fp32 master and AdamW, bf16 autocast)
+#   f_jax   "b" with prefix sharing (each pair's prompt computed once; mask attention)
+#   b16_jax, b16_trl   "b" at 16 pairs per step (packing gains more with more pairs)
+#
 # Environment knobs:
-#   PRESET       model shape (llama3_2_1b; "tiny" for a CPU dry run of this script)
-#   CASES        space-separated, run in this order, ours then TRL for each:
-#                  fixed     4 pairs of exactly 512 prompt + 512 completion tokens
-#                  hh8       HH-like length mix, 8 pairs per step, rows up to 1024
-#                  hh16      the same with 16 pairs per step
-#                  fixed_gc  "fixed" with gradient checkpointing (TRL) / full remat (ours)
-#                (default "fixed hh8")
-#   STEPS, WARMUP  timed / untimed steps of every run (default 10 / 3)
-#   RUN_TIMEOUT  seconds for one run (default 170); BUDGET: no new run starts after this many
-#                seconds of the script (default 360), so the whole stays under ~9 minutes.
+#   RUNS           the runs above to do, in this order (default: all of them)
+#   PRESET         model of the 1B runs (llama3_2_1b); BIG_PRESET the 8B one (llama3_1_8b).
+#                  PRESET=tiny BIG_PRESET=tiny is a CPU dry run of this script.
+#   STEPS, WARMUP  timed / untimed steps of every run (default 5 / 2)
+#   DEADLINE       seconds after the start past which no run goes (default 530)
+#   MIN_RUN        no run starts with fewer seconds than this left (default 60)
+#   JAX_XLA_FLAGS  XLA_FLAGS of the dpo_jax runs (checked first; dropped if XLA rejects them)
+#   MEM_FRACTION   XLA_PYTHON_CLIENT_MEM_FRACTION of the dpo_jax runs (default 0.94)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
+RUNS=${RUNS:-a_jax a_trl b_jax b_trl c_jax d_jax e_jax c_trl f_jax b16_jax b16_trl}
 PRESET=${PRESET:-llama3_2_1b}
-CASES=${CASES:-fixed hh8}
-STEPS=${STEPS:-10}
-WARMUP=${WARMUP:-3}
-RUN_TIMEOUT=${RUN_TIMEOUT:-170}
-BUDGET=${BUDGET:-360}
+BIG_PRESET=${BIG_PRESET:-llama3_1_8b}
+STEPS=${STEPS:-5}
+WARMUP=${WARMUP:-2}
+DEADLINE=${DEADLINE:-530}
+MIN_RUN=${MIN_RUN:-60}
+JAX_XLA_FLAGS=${JAX_XLA_FLAGS---xla_gpu_enable_latency_hiding_scheduler=true}
+MEM_FRACTION=${MEM_FRACTION:-0.94}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+LOG=$OUT/run.log
+RESULTS=$OUT/results.jsonl
+: >"$LOG"
+: >"$RESULTS"
 
 # Wheels for packages the GPU machine lacks (benchmarks/fetch_wheels.sh made them here).
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -38,8 +59,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+# An XLA flag this jaxlib does not know aborts every dpo_jax run: check them once (XLA parses
+# them whatever the platform, so a CPU check is enough and takes seconds).
+flags_note="XLA_FLAGS of the dpo_jax runs: ${JAX_XLA_FLAGS:-none}"
+if [[ -n $JAX_XLA_FLAGS ]] && ! XLA_FLAGS="$JAX_XLA_FLAGS" JAX_PLATFORMS=cpu timeout 60 \
+  $PY -c 'import jax; jax.numpy.zeros(1).block_until_ready()' >/dev/null 2>&1; then
+  flags_note="XLA rejected '$JAX_XLA_FLAGS': the dpo_jax runs go without"
+  JAX_XLA_FLAGS=""
+fi
+
 {
-  echo "== $(date -u +%FT%TZ) preset=$PRESET cases=$CASES steps=$STEPS warmup=$WARMUP"
+  echo "== $(date -u +%FT%TZ) runs=$RUNS preset=$PRESET big=$BIG_PRESET steps=$STEPS warmup=$WARMUP"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit \
     --format=csv 2>&1 || echo "no nvidia-smi"
   $PY - <<'EOF'
@@ -55,61 +85,104 @@ for name in names:
     except md.PackageNotFoundError:
         pass
 print(", ".join(found))
-import torch
-print("torch.cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))
 EOF
+  echo "$flags_note"
+  echo "XLA_PYTHON_CLIENT_MEM_FRACTION of the dpo_jax runs: $MEM_FRACTION"
 } 2>&1 | tee "$OUT/env.txt"
 
-ours_flags() {  # case -> dpo_jax.bench overrides
+ours() {  # preset overrides... -> a dpo_jax.bench command line
+  local preset=$1
+  shift
+  echo "$PY -m dpo_jax.bench --config configs/bench.py:$preset" \
+    "--config.bench.steps=$STEPS --config.bench.warmup_steps=$WARMUP${*:+ $*}"
+}
+trl() {  # flags... -> a benchmarks/trl_dpo.py command line
+  echo "$PY benchmarks/trl_dpo.py --preset $PRESET --steps $STEPS --warmup_steps $WARMUP${*:+ $*}"
+}
+FP32="--config.model.param_dtype=float32 --config.training.optimizer_state_dtype=float32"
+
+command_of() {  # run name -> command line (its flags are meant to split)
   case $1 in
-    fixed) echo "" ;;
-    hh8) echo "--config.bench.lengths=hh --config.training.batch_size=8" ;;
-    hh16) echo "--config.bench.lengths=hh --config.training.batch_size=16" ;;
-    fixed_gc) echo "--config.model.remat_policy=full" ;;
-    *) echo "unknown case $1" >&2; return 1 ;;
+    a_jax) ours "$PRESET" ;;
+    a_trl) trl ;;
+    b_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
+      --config.bench.packing=True ;;
+    b_trl) trl --lengths hh --pairs_per_step 8 ;;
+    c_jax) ours "$PRESET" "$FP32" ;;
+    c_trl) trl --param_dtype float32 ;;
+    d_jax) ours "$BIG_PRESET" --config.training.precompute_ref_log_probs=True \
+      --config.model.remat_policy=full ;;
+    e_jax) ours "$PRESET" --config.model.remat_policy=dots_saveable ;;
+    f_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
+      --config.bench.packing=True --config.bench.prefix_sharing=True ;;
+    b16_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=16 \
+      --config.bench.packing=True ;;
+    b16_trl) trl --lengths hh --pairs_per_step 16 ;;
+    *) return 1 ;;
   esac
 }
-trl_flags() {  # case -> benchmarks/trl_dpo.py flags
+timeout_of() {  # run name -> its own limit in seconds (start-up and compilation included)
   case $1 in
-    fixed) echo "" ;;
-    hh8) echo "--lengths hh --pairs_per_step 8" ;;
-    hh16) echo "--lengths hh --pairs_per_step 16" ;;
-    fixed_gc) echo "--gradient_checkpointing" ;;
-    *) echo "unknown case $1" >&2; return 1 ;;
+    d_jax) echo 200 ;;
+    *_jax) echo 150 ;;
+    *) echo 120 ;;
   esac
 }
 
-run_one() {  # case trainer command...
-  local case=$1 trainer=$2
-  shift 2
-  if ((SECONDS > BUDGET)); then
-    echo "== $case / $trainer: skipped, ${SECONDS}s past the ${BUDGET}s budget" | tee -a "$OUT/run.log"
-    return
-  fi
-  echo "== $case / $trainer: $*" | tee -a "$OUT/run.log"
-  local started=$SECONDS line
-  line=$(timeout "$RUN_TIMEOUT" "$@" 2>&1 | tee -a "$OUT/run.log" | grep '^{' | tail -n 1)
-  echo "== $case / $trainer: $((SECONDS - started)) s" | tee -a "$OUT/run.log"
-  if [[ -z $line ]]; then
-    echo "== $case / $trainer: no JSON result (see run.log)" | tee -a "$OUT/run.log"
-    return
-  fi
+record_failure() {  # name command error
   $PY -c 'import json, sys; print(json.dumps({"case": sys.argv[1], "command": sys.argv[2],
-"result": json.loads(sys.argv[3])}))' "$case" "$*" "$line" >>"$OUT/results.jsonl"
+"error": sys.argv[3]}))' "$1" "$2" "$3" >>"$RESULTS"
 }
 
-: >"$OUT/results.jsonl"
-for case in $CASES; do
-  ours=$(ours_flags "$case") || exit 1
-  theirs=$(trl_flags "$case") || exit 1
-  # shellcheck disable=SC2086  # the flags are meant to split
-  run_one "$case" dpo_jax $PY -m dpo_jax.bench --config "configs/bench.py:$PRESET" \
-    --config.bench.steps="$STEPS" --config.bench.warmup_steps="$WARMUP" $ours
-  # shellcheck disable=SC2086
-  run_one "$case" trl $PY benchmarks/trl_dpo.py --preset "$PRESET" \
-    --steps "$STEPS" --warmup_steps "$WARMUP" $theirs
+run_one() {  # name
+  local name=$1 cmd limit left started line rc output
+  if ! cmd=$(command_of "$name"); then
+    echo "== $name: unknown run" | tee -a "$LOG"
+    return
+  fi
+  left=$((DEADLINE - SECONDS))
+  if ((left < MIN_RUN)); then
+    echo "== $name: skipped, ${left}s left before the ${DEADLINE}s deadline" | tee -a "$LOG"
+    record_failure "$name" "$cmd" "skipped: ${left}s left"
+    return
+  fi
+  limit=$(timeout_of "$name")
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit}s, at ${SECONDS}s): $cmd" | tee -a "$LOG"
+  output=$(mktemp)
+  started=$SECONDS
+  if [[ $name == *_jax ]]; then
+    # shellcheck disable=SC2086  # the command's flags are meant to split
+    XLA_FLAGS="$JAX_XLA_FLAGS" XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION \
+      timeout -k 10 "$limit" $cmd >"$output" 2>&1
+  else
+    # shellcheck disable=SC2086
+    timeout -k 10 "$limit" $cmd >"$output" 2>&1
+  fi
+  rc=$?
+  cat "$output" >>"$LOG"
+  line=$(grep '^{' "$output" | tail -n 1)
+  echo "== $name: exit $rc after $((SECONDS - started))s" | tee -a "$LOG"
+  if [[ $rc -eq 0 && -n $line ]]; then
+    $PY -c 'import json, sys; print(json.dumps({"case": sys.argv[1], "command": sys.argv[2],
+"result": json.loads(sys.argv[3])}))' "$name" "$cmd" "$line" >>"$RESULTS"
+    grep -o '"pairs_per_s": [0-9.]*\|"mfu": [0-9.]*\|"peak_memory_gb": [0-9.a-z]*' \
+      <<<"$line" | tr '\n' ' '
+    echo
+  else
+    local why="exit $rc"
+    ((rc == 124 || rc == 137)) && why="timed out after ${limit}s"
+    why="$why: $(grep -v '^\s*$' "$output" | tail -n 1 | cut -c1-300)"
+    echo "== $name: no result ($why)" | tee -a "$LOG"
+    record_failure "$name" "$cmd" "$why"
+  fi
+  rm -f "$output"
+}
+
+for name in $RUNS; do
+  run_one "$name"
 done
 
 echo
-$PY benchmarks/compare.py "$OUT/results.jsonl" | tee "$OUT/table.md"
+$PY benchmarks/compare.py "$RESULTS" | tee "$OUT/table.md"
 echo "total ${SECONDS}s"

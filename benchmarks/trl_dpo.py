@@ -8,20 +8,23 @@ What is the same as dpo_jax.bench (benchmarks/README.md has the fairness rules):
 
 * the model: a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` built from the same
   config dict (``dpo_jax.bench.PRESETS``, or the embedded tiny ``config.json``), random init;
-* the pairs: the same random generator as ``dpo_jax.bench.synthetic_batches`` (lengths from
-  ``dpo_jax.bench.synthetic_lengths``, then token ids in [3, vocab)), drawn in the same order
-  from the same seed, so step k trains on exactly the pairs of our step k;
-* the batch: ``--pairs_per_step`` pairs per optimizer step, in order (sequential sampler);
+* the pairs: ``dpo_jax.bench.synthetic_steps`` itself, called with configs/bench.py's config
+  set from these flags, so step k trains on exactly the pairs of our step k;
+* the batch: ``--pairs_per_step`` pairs per optimizer step, in order (sequential sampler),
+  split into ``--gradient_accumulation_steps`` micro-batches like ours;
 * the reference forward runs inside every step (``precompute_ref_log_probs=False``; the
   ``--precompute_ref_log_probs`` option runs TRL's one pass before training instead);
-* the figures: MFU with ``dpo_jax.bench.step_flops`` (6N per real token + 2N for the reference
-  forward + causal attention, padding never counted) over ``dpo_jax.bench.peak_flops``, and
-  the same JSON fields, printed as one line at the end.
+* the figures: MFU with ``dpo_jax.throughput.sequence_flops`` over the real sequence lengths
+  (6N per token + 2N for the reference forward + causal attention, padding never counted)
+  and ``dpo_jax.throughput.peak_flops``, and the same JSON fields, one line at the end.
 
 Everything else is TRL's default (``DPOConfig``): its collator pads each micro-batch to its
 longest row, its fused LM head, AdamW (torch) with grad-norm clipping, the attention that
 transformers picks (SDPA). Defaults of the flags come from ``configs/bench.py[:preset]``:
-bf16 weights (so bf16 AdamW states) and bf16 autocast for the GPU presets, float32 for tiny.
+bf16 weights (so bf16 gradients and AdamW states: torch keeps them in the weights' dtype) and
+bf16 autocast for the GPU presets, float32 for tiny; ``--param_dtype float32`` gives fp32
+master weights and AdamW states with bf16 autocast. The JSON's ``precision`` names the policy
+with the label dpo_jax.bench uses.
 
 Only TRL's own tokenisation is skipped: the pairs arrive as token ids (``prompt_ids``,
 ``chosen_ids``, ``rejected_ids``, the columns TRL's collator reads), since random ids have no
@@ -51,7 +54,7 @@ import time
 import types
 from pathlib import Path
 
-# dpo_jax.bench is used for its shapes, pair generator and FLOP/peak formulas only: JAX must not
+# dpo_jax is used for its shapes, pair generator and FLOP/peak formulas only: JAX must not
 # take the GPU (it preallocates most of its memory) from the torch run.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,7 +65,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from dpo_jax import bench, embedded, model  # noqa: E402
+from dpo_jax import bench, embedded, model, throughput  # noqa: E402
 
 DTYPES = ("bfloat16", "float32")
 
@@ -147,9 +150,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def model_config(args):
-    """dpo_jax's ModelConfig of the preset: parameter count and FLOPs per token."""
-    return bench.model_config_for(args.bench_config)
+def workload_config(args):
+    """configs/bench.py's config set from these flags: what dpo_jax.bench runs for the same
+    workload (its pairs come from it)."""
+    c = copy.deepcopy(args.bench_config)
+    c.bench.lengths = args.lengths
+    c.bench.prompt_length = args.prompt_length
+    c.bench.completion_length = args.completion_length
+    c.bench.seed = args.seed
+    c.bench.steps, c.bench.warmup_steps = args.steps, args.warmup_steps
+    c.data.max_seq_length = args.max_length
+    c.training.batch_size = args.pairs_per_step
+    c.training.gradient_accumulation_steps = args.gradient_accumulation_steps
+    c.training.precompute_ref_log_probs = args.precompute_ref_log_probs
+    c.model.dtype, c.model.param_dtype = args.dtype, args.param_dtype
+    c.training.optimizer_state_dtype = args.param_dtype  # torch's AdamW: the weights' dtype
+    c.model.remat_policy = "full" if args.gradient_checkpointing else "none"
+    return c
 
 
 def hf_config(preset: str):
@@ -163,41 +180,32 @@ def hf_config(preset: str):
     return getattr(transformers, architecture).config_class(architectures=[architecture], **fields)
 
 
-def synthetic_steps(args, vocab_size: int, num_steps: int):
-    """[(lengths [pairs, 3], [(prompt, chosen, rejected) id arrays])] per step: the draws of
-    dpo_jax.bench.synthetic_batches, in its order, from the same seed."""
-    config = types.SimpleNamespace(
-        bench=types.SimpleNamespace(
-            lengths=args.lengths,
-            prompt_length=args.prompt_length,
-            completion_length=args.completion_length,
-        ),
-        data=types.SimpleNamespace(max_seq_length=args.max_length),
-    )
-    rng = np.random.default_rng(args.seed)
-    steps = []
-    for _ in range(num_steps):
-        lengths = bench.synthetic_lengths(config, rng, args.pairs_per_step)
-        pairs = [
-            tuple(rng.integers(3, vocab_size, n).astype(np.int32) for n in row) for row in lengths
-        ]
-        steps.append((lengths, pairs))
-    return steps
+def dataset_columns(steps) -> dict[str, list[list[int]]]:
+    """The pairs of every step, in order, as the id columns TRL's collator reads."""
+    fields = (("prompt_ids", "prompt"), ("chosen_ids", "chosen"), ("rejected_ids", "rejected"))
+    return {
+        name: [getattr(pair, field).tolist() for pairs in steps for pair in pairs]
+        for name, field in fields
+    }
 
 
-def padded_tokens(lengths: np.ndarray, micro: int) -> int:
+def padded_tokens(pairs, micro: int) -> int:
     """Row slots of one step as TRL's collator lays them out: 2 rows per pair (chosen, rejected),
     each micro-batch padded to its longest row (DPOConfig.pad_to_multiple_of=None on GPU/CPU)."""
     total = 0
-    for start in range(0, len(lengths), micro):
-        part = lengths[start : start + micro]
-        longest = int((part[:, 0] + np.maximum(part[:, 1], part[:, 2])).max())
-        total += 2 * len(part) * longest
+    for start in range(0, len(pairs), micro):
+        part = pairs[start : start + micro]
+        total += 2 * len(part) * max(max(pair.lengths) for pair in part)
     return total
 
 
-def real_tokens(lengths: np.ndarray) -> int:
-    return int((2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]).sum())
+def sequence_lengths(pairs) -> list[int]:
+    """Real lengths of a step's sequences: prompt + chosen, prompt + rejected per pair."""
+    return [n for pair in pairs for n in pair.lengths]
+
+
+def real_tokens(pairs) -> int:
+    return sum(sequence_lengths(pairs))
 
 
 def versions() -> dict:
@@ -219,10 +227,10 @@ def versions() -> dict:
 
 
 def device_peak_flops(device_name: str) -> tuple[float, str]:
-    """dpo_jax.bench.peak_flops for a torch device, by name. For the CPU's nominal figure,
-    dpo_jax.bench divides the process's cores among JAX's (possibly emulated) CPU devices;
-    torch runs one process on all of them, so take the whole."""
-    peak, source = bench.peak_flops(types.SimpleNamespace(device_kind=device_name))
+    """dpo_jax.throughput.peak_flops for a torch device, by name. For the CPU's nominal
+    figure, it divides the process's cores among JAX's (possibly emulated) CPU devices; torch
+    runs one process on all of them, so take the whole."""
+    peak, source = throughput.peak_flops(types.SimpleNamespace(device_kind=device_name))
     if source.endswith("nominal"):
         import jax
 
@@ -243,7 +251,8 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     micro = args.pairs_per_step // args.gradient_accumulation_steps
     num_steps = 1 + args.warmup_steps + args.steps
-    ours = model_config(args)
+    workload = workload_config(args)
+    ours = bench.model_config_for(workload)
 
     started = time.perf_counter()
     config = hf_config(args.preset)
@@ -261,13 +270,8 @@ def run(args) -> dict:
     init_s = time.perf_counter() - started  # like dpo_jax's init_state: not in compile_s
     tokenizer = transformers.AutoTokenizer.from_pretrained(embedded.TINY_MODEL_DIR)
 
-    steps = synthetic_steps(args, config.vocab_size, num_steps)
-    train_dataset = datasets.Dataset.from_dict(
-        {
-            name: [pair[i].tolist() for _, pairs in steps for pair in pairs]
-            for i, name in enumerate(("prompt_ids", "chosen_ids", "rejected_ids"))
-        }
-    )
+    steps = bench.synthetic_steps(workload, config.vocab_size, num_steps)
+    train_dataset = datasets.Dataset.from_dict(dataset_columns(steps))
 
     class PretokenizedDPOTrainer(trl.DPOTrainer):
         """DPOTrainer whose dataset is already ids: TRL's text tokenisation is skipped."""
@@ -337,21 +341,22 @@ def run(args) -> dict:
     # data loader) up to the first step, then the first step.
     setup_s, first_step_s = timer.begins[0] - started, times[0]
     in_step_reference = not args.precompute_ref_log_probs
-    timed_lengths = [lengths for lengths, _ in steps[1 + args.warmup_steps :]]
+    timed = steps[1 + args.warmup_steps :]
     step_s = statistics.median(times[1 + args.warmup_steps :])
-    tokens = float(np.mean([real_tokens(lengths) for lengths in timed_lengths]))
-    slots = float(np.mean([padded_tokens(lengths, micro) for lengths in timed_lengths]))
+    tokens = float(np.mean([real_tokens(pairs) for pairs in timed]))
+    slots = float(np.mean([padded_tokens(pairs, micro) for pairs in timed]))
     flops = float(
         np.mean(
             [
-                bench.step_flops(ours, lengths, with_reference=in_step_reference)
-                for lengths in timed_lengths
+                throughput.sequence_flops(ours, sequence_lengths(pairs), in_step_reference)
+                for pairs in timed
             ]
         )
     )
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak, peak_source = device_peak_flops(device_name)
     gib = 2**30
+    fixed = args.lengths == "fixed"
     result = {
         "trainer": "trl",
         "preset": args.preset,
@@ -369,18 +374,36 @@ def run(args) -> dict:
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / gib, 2) if cuda else None,
         "loss": timer.losses[-1] if timer.losses else None,
         "estimated_memory_gb": None,  # dpo_jax's own estimate; TRL has none
+        "compiled_temp_gb": None,  # XLA's plan of dpo_jax's step; torch plans nothing ahead
+        # The workload (benchmarks/compare.py pairs runs by these) ...
+        "lengths": args.lengths,
+        "prompt_length": args.prompt_length if fixed else None,
+        "completion_length": args.completion_length if fixed else None,
+        "max_seq_length": args.max_length,
+        "batch_size": args.pairs_per_step,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+        "precision": bench.precision(args.param_dtype, args.param_dtype, args.dtype),
+        "precompute_ref_log_probs": args.precompute_ref_log_probs,
+        # ... and how TRL ran it: rows padded to the longest of each micro-batch.
+        "packing": False,
+        "prefix_sharing": False,  # TRL has no prefix sharing for DPO
+        "row_length": args.max_length,
+        "rows_per_micro_batch": 2 * micro,
+        "tokens_per_micro_batch": round(slots / args.gradient_accumulation_steps, 1),
+        "tokens_per_step": tokens,
+        "remat_policy": "full" if args.gradient_checkpointing else "none",
+        "dtype": args.dtype,
+        "param_dtype": args.param_dtype,
+        "optimizer_state_dtype": args.param_dtype,  # torch's AdamW: the weights' dtype
+        "attention_impl": policy.config._attn_implementation,
+        "logits_chunk_size": None,  # TRL's fused LM head chunks by its own rule
         # TRL-only detail
         "init_s": round(init_s, 2),
         "setup_s": round(setup_s, 2),
         "first_step_s": round(first_step_s, 3),
-        "tokens_per_step": tokens,
-        "lengths": args.lengths,
         "max_length": args.max_length,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "precompute_ref_log_probs": args.precompute_ref_log_probs,
-        "dtype": args.dtype,
-        "param_dtype": args.param_dtype,
-        "attn_implementation": policy.config._attn_implementation,
         "optim": getattr(dpo_config.optim, "value", str(dpo_config.optim)),
         "peak_memory_reserved_gb": (
             round(torch.cuda.max_memory_reserved(device) / gib, 2) if cuda else None

@@ -3,7 +3,11 @@
     python -m dpo_jax.bench --config configs/bench.py                        # tiny, CPU
     python -m dpo_jax.bench --config configs/bench.py:llama3_2_1b            # one H100
     python -m dpo_jax.bench --config configs/bench.py:llama3_2_1b \
-        --config.bench.lengths=hh --config.training.batch_size=8             # HH-like lengths
+        --config.bench.lengths=hh --config.training.batch_size=8 \
+        --config.bench.packing=True                                         # HH-like, packed
+    python -m dpo_jax.bench --config configs/bench.py:llama3_1_8b \
+        --config.training.precompute_ref_log_probs=True \
+        --config.model.remat_policy=full                                    # 8B on one H100
 
 Prints compile time, median step time, pairs/s, non-pad tokens/s, MFU and peak memory, and
 one JSON line at the end (the same fields as benchmarks/trl_dpo.py).
@@ -24,7 +28,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.bench.completion_length = 512 if gpu else 24
     c.bench.warmup_steps = 3  # untimed steps after compilation
     c.bench.steps = 10  # timed steps (median reported)
-    c.bench.seed = 0
+    c.bench.seed = 0  # pair generator (benchmarks/trl_dpo.py draws the same pairs from it)
+    c.bench.packing = False  # pack each micro-batch's pairs first-fit-decreasing into rows
+    # With packing: each pair one [prompt | chosen | rejected] group, the prompt computed
+    # once (rows of 2 x max_seq_length, as data.prefix_sharing in training).
+    c.bench.prefix_sharing = False
+    c.bench.packed_rows = 0  # rows per packed micro-batch; 0 = fewest that hold every step
 
     c.model = ml_collections.ConfigDict()
     c.model.init = "random"
@@ -44,6 +53,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.training.beta = 0.1
     c.training.loss_type = "sigmoid"
     c.training.reference_free = False  # False: the reference forward runs in the step
+    # True: batches carry reference log-probs; no reference weights, no reference forward.
+    c.training.precompute_ref_log_probs = False
     c.training.learning_rate = 1e-6
     c.training.optimizer_state_dtype = "bfloat16" if gpu else "float32"
 

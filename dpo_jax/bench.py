@@ -2,16 +2,23 @@
 
     python -m dpo_jax.bench --config configs/bench.py[:preset] [--config.a.b=v ...]
 
-Model FLOPs (DESIGN): 6N per real token for the policy (forward + backward), +2N when the
-reference forward runs in the step, plus causal attention over each sequence's own length;
-padding is never counted. MFU divides by the card's dense bf16 peak, read from its name.
+Every step trains on `training.batch_size` fresh synthetic pairs (`synthetic_steps`, also
+what benchmarks/trl_dpo.py feeds TRL), split in order into the accumulation micro-batches.
+Each micro-batch is padded (one sequence per row of `data.max_seq_length`) or, with
+`bench.packing`, packed first-fit-decreasing into `bench.packed_rows` such rows: the same
+pairs per step either way, only the padding changes. With
+`training.precompute_ref_log_probs` the batches carry reference log-probs (`ref_logps`) and
+no reference weights exist on the device.
+
+Model FLOPs (dpo_jax.throughput): 6N per real token, +2N when the reference forward runs in
+the step, plus causal attention over each sequence's own length, counted from the real
+sequences of the built batches; padding never counts. Prints one JSON line at the end.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
 import jax
@@ -19,10 +26,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import data, hf, memory, model, optim, sharding, train
+from dpo_jax import data, hf, memory, model, optim, sharding, throughput, train
+from dpo_jax.data.batching import fill_shared, pack_step
 from dpo_jax.step import LossConfig, train_step
 
 config_flags.DEFINE_config_file("config", None, "configs/bench.py[:preset]", lock_config=True)
+
+PAD_ID = 0
+SHORT_DTYPES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
 # Shapes of real checkpoints (config.json fields); weights are random.
 PRESETS = {
@@ -82,35 +93,6 @@ PRESETS = {
     ),
 }
 
-# Dense bf16 peak FLOP/s by device name (first match wins; most specific first).
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v4", 275e12),
-    ("TPU v6", 918e12),
-)
-
-
-def peak_flops(device) -> tuple[float, str]:
-    """(FLOP/s, how it was obtained) for one device."""
-    name = getattr(device, "device_kind", "")
-    for key, flops in PEAK_FLOPS:
-        if key in name:
-            return flops, f"{name} dense bf16 peak"
-    # CPU: a nominal figure (2 GHz × 32 fp32 FLOP/cycle with AVX2 FMA, per core of this
-    # process), so that MFU is comparable between CPU runs, not an absolute truth.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores * 2e9 * 32 / jax.local_device_count(), f"{name or 'cpu'} nominal"
-
 
 def model_config_for(config) -> model.ModelConfig:
     runtime = dict(
@@ -130,10 +112,25 @@ def model_config_for(config) -> model.ModelConfig:
     return hf.model_config_from_hf(PRESETS[config.bench.preset], **runtime)
 
 
+def precision(param_dtype: str, optimizer_state_dtype: str, dtype: str) -> str:
+    """One label for a precision policy, the same for both trainers ("pure bf16", or
+    "fp32 weights, fp32 Adam, bf16 compute"); benchmarks/compare.py pairs runs by it."""
+    p, o, d = (SHORT_DTYPES.get(x, x) for x in (param_dtype, optimizer_state_dtype, dtype))
+    return f"pure {p}" if p == o == d else f"{p} weights, {o} Adam, {d} compute"
+
+
+# ------------------------------------------------------------------ synthetic pairs
+
+
 def synthetic_lengths(config, rng: np.random.Generator, count: int) -> np.ndarray:
     """[count, 3] prompt / chosen / rejected lengths, each pair side ≤ max_seq_length."""
     b, max_len = config.bench, config.data.max_seq_length
     if b.lengths == "fixed":
+        if b.prompt_length + b.completion_length > max_len:
+            raise SystemExit(
+                f"config bench.prompt_length + bench.completion_length = "
+                f"{b.prompt_length + b.completion_length} exceeds data.max_seq_length={max_len}"
+            )
         return np.tile([b.prompt_length, b.completion_length, b.completion_length], (count, 1))
     if b.lengths != "hh":
         raise SystemExit(f"config bench.lengths={b.lengths!r}: choose fixed or hh")
@@ -146,65 +143,197 @@ def synthetic_lengths(config, rng: np.random.Generator, count: int) -> np.ndarra
     return np.stack([prompt, chosen, rejected], axis=1)
 
 
-def synthetic_batches(config, vocab_size: int, num_batches: int):
-    rng = np.random.default_rng(config.bench.seed)
-    pairs_per_step = config.training.batch_size
-    accumulation = config.training.gradient_accumulation_steps
-    micro = pairs_per_step // accumulation
-    for _ in range(num_batches):
-        lengths = synthetic_lengths(config, rng, pairs_per_step)
-        pairs = [
-            data.TokenizedPair(
-                *(rng.integers(3, vocab_size, n).astype(np.int32) for n in row), source="synthetic"
-            )
-            for row in lengths
-        ]
-        yield (
-            data.stack_batches(
-                [
-                    data.padded_batch(
-                        pairs[a * micro : (a + 1) * micro],
-                        micro,
-                        config.data.max_seq_length,
-                        pad_id=0,
-                    )
-                    for a in range(accumulation)
-                ]
-            ),
-            lengths,
+def synthetic_pairs(
+    config, vocab_size: int, rng: np.random.Generator, count: int
+) -> list[data.TokenizedPair]:
+    """`count` pairs: lengths from synthetic_lengths, then token ids in [3, vocab_size)."""
+    return [
+        data.TokenizedPair(
+            *(rng.integers(3, vocab_size, n).astype(np.int32) for n in row), source="synthetic"
         )
+        for row in synthetic_lengths(config, rng, count)
+    ]
 
 
-def step_flops(model_config, lengths: np.ndarray, with_reference: bool) -> float:
-    """Model FLOPs of one step: every real token of every sequence, no padding."""
-    total = 0.0
-    for prompt, *completions in lengths:
-        for completion in completions:
-            n = int(prompt + completion)
-            per_token = model.flops_per_token(model_config, n, backward=True)
-            if with_reference:
-                per_token += model.flops_per_token(model_config, n, backward=False)
-            total += per_token * n
-    return total
+def synthetic_steps(config, vocab_size: int, num_steps: int) -> list[list[data.TokenizedPair]]:
+    """The pairs of each step, `training.batch_size` per step, from `bench.seed`: the one
+    source of pairs for dpo_jax.bench and benchmarks/trl_dpo.py."""
+    rng = np.random.default_rng(config.bench.seed)
+    return [
+        synthetic_pairs(config, vocab_size, rng, config.training.batch_size)
+        for _ in range(num_steps)
+    ]
 
 
-def run(config) -> dict:
+def micro_batches(config, pairs: list) -> list[list]:
+    """A step's pairs in order, split into the accumulation micro-batches (as TRL's
+    sequential sampler splits them)."""
+    accumulation = config.training.gradient_accumulation_steps
+    if len(pairs) % accumulation:
+        raise SystemExit(
+            f"config training.batch_size={len(pairs)} is not divisible by "
+            f"training.gradient_accumulation_steps={accumulation}"
+        )
+    micro = len(pairs) // accumulation
+    return [pairs[a * micro : (a + 1) * micro] for a in range(accumulation)]
+
+
+# ------------------------------------------------------------------------ batches
+
+
+def pair_parts(pairs: list, shared: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row tokens of each pair's parts: chosen and rejected sequences, or (prefix sharing)
+    one [prompt | chosen | rejected] group."""
+    if shared:
+        return np.array([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]), None
+    return np.array([p.lengths[0] for p in pairs]), np.array([p.lengths[1] for p in pairs])
+
+
+def rows_needed(pairs: list, row_length: int, shared: bool = False) -> int:
+    """Fewest rows of `row_length` that first-fit decreasing packs these pairs into."""
+    first, second = pair_parts(pairs, shared)
+    total = int(first.sum() + (0 if second is None else second.sum()))
+    rows = max(1, -(-total // row_length))
+    while True:
+        # With more rows the first ones fill exactly as before, so the first fit is the fewest.
+        _, left = pack_step(
+            range(len(pairs)),
+            first,
+            second,
+            micro_batches=1,
+            rows=rows,
+            row_length=row_length,
+            pair_slots=len(pairs),
+        )
+        if not left:
+            return rows
+        rows += 1
+
+
+def row_length_of(config) -> int:
+    """Packed prefix-shared rows are twice data.max_seq_length (as in training)."""
+    shared = config.bench.packing and config.bench.prefix_sharing
+    return 2 * config.data.max_seq_length if shared else config.data.max_seq_length
+
+
+def packed_rows(config, steps: list, data_parallel: int) -> int:
+    """Rows per packed micro-batch: `bench.packed_rows`, or (0) the fewest that hold every
+    micro-batch of every step, rounded up to a multiple of the data-parallel size."""
+    row_length, shared = row_length_of(config), bool(config.bench.prefix_sharing)
+    need = max(
+        rows_needed(m, row_length, shared) for pairs in steps for m in micro_batches(config, pairs)
+    )
+    rows = config.bench.packed_rows
+    if rows == 0:
+        return -(-need // data_parallel) * data_parallel
+    if rows < need:
+        raise SystemExit(
+            f"config bench.packed_rows={rows}: the pairs of a micro-batch need {need} rows of "
+            f"{row_length} tokens when packed; set bench.packed_rows to at least {need}, or 0 "
+            "to choose automatically"
+        )
+    return rows
+
+
+def synthetic_ref_logps(batch: dict, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
+    """[A, 2P] stand-ins for precomputed reference log-probs: about what a random-init model
+    gives (-ln V per completion token), 0 for empty pair slots. The step's time does not
+    depend on their values."""
+    accumulation, num_pairs = batch["pair_mask"].shape
+    out = np.zeros((accumulation, 2 * num_pairs), np.float32)
+    for a in range(accumulation):
+        ids = batch["sequence_ids"][a][batch["loss_mask"][a]]
+        tokens = np.bincount(ids, minlength=2 * num_pairs)
+        out[a] = -tokens * np.log(vocab_size) + rng.normal(0.0, 1.0, 2 * num_pairs)
+    valid = np.repeat(batch["pair_mask"], 2, axis=1)
+    return np.where(valid, out, 0.0).astype(np.float32)
+
+
+def build_batch(config, pairs: list, rows: int, vocab_size: int, rng: np.random.Generator):
+    """One step's host batch [A, R, T] in the DESIGN layout, pairs in order (slot p = pair p
+    of its micro-batch); with ref_logps [A, 2P] when they are precomputed."""
+    row_length = row_length_of(config)
+    parts = []
+    for micro in micro_batches(config, pairs):
+        if config.bench.packing and config.bench.prefix_sharing:
+            groups, _ = pair_parts(micro, shared=True)
+            (plan,), _ = pack_step(
+                range(len(micro)),
+                groups,
+                None,
+                micro_batches=1,
+                rows=rows,
+                row_length=row_length,
+                pair_slots=len(micro),
+            )
+            parts.append(
+                fill_shared(
+                    sorted(plan),
+                    micro,
+                    num_rows=rows,
+                    row_length=row_length,
+                    num_pairs=len(micro),
+                    pad_id=PAD_ID,
+                )
+            )
+        elif config.bench.packing:
+            parts.append(data.packed_batch(micro, len(micro), rows, row_length, PAD_ID))
+        else:
+            parts.append(data.padded_batch(micro, len(micro), row_length, PAD_ID))
+    batch = data.stack_batches(parts)
+    if config.training.precompute_ref_log_probs:
+        batch["ref_logps"] = synthetic_ref_logps(batch, vocab_size, rng)
+    return batch
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def run(config, devices=None) -> dict:
+    """Benchmarks the step on `devices` (default: all) and returns the JSON fields."""
     model_config = model_config_for(config)
-    t = config.training
+    t, b = config.training, config.bench
     loss_config = LossConfig(
         loss_type=(t.loss_type,),
         beta=t.beta,
         reference_free=t.reference_free,
         logits_chunk_size=config.model.logits_chunk_size,
     )
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    precompute = loss_config.needs_reference and bool(t.precompute_ref_log_probs)
+    in_step_reference = loss_config.needs_reference and not precompute
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    data_parallel = sharding.data_parallel_size(mesh)
+
+    # Pairs and batches first: a packing that does not fit stops before any compilation.
+    steps = synthetic_steps(config, model_config.vocab_size, 1 + b.warmup_steps + b.steps)
+    micro = t.batch_size // t.gradient_accumulation_steps
+    rows = packed_rows(config, steps, data_parallel) if b.packing else 2 * micro
+    what = "bench.packed_rows" if b.packing else "2 × training.batch_size / accumulation"
+    sharding.check_batch_rows(rows, mesh, f"rows per micro-batch ({what})")
+    ref_rng = np.random.default_rng([b.seed, 1])  # apart from the pairs' draws
+    batches = [
+        build_batch(config, pairs, rows, model_config.vocab_size, ref_rng) for pairs in steps
+    ]
+
     optim_config = optim.OptimConfig(
         learning_rate=t.learning_rate, total_steps=1000, state_dtype=t.optimizer_state_dtype
     )
     optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
     shardings = train.state_shardings(model_config, optimizer, mesh, tuple(config.mesh.rules))
     state = train.init_state(config, model_config, optimizer, shardings)
-    ref = train.copy_params(state.params, shardings.params) if loss_config.needs_reference else None
+    # The frozen reference exists only when its forward runs in the step.
+    ref = train.copy_params(state.params, shardings.params) if in_step_reference else None
+    row_length = row_length_of(config)
+    parts = memory.estimate(
+        state,
+        ref,
+        model_config,
+        tokens_per_device=rows * row_length // data_parallel,
+        row_length=row_length,
+        logits_chunk_size=loss_config.logits_chunk_size,
+    )
+    print(f"memory per device (estimate): {memory.describe(parts)}", flush=True)
+
     step_fn = jax.jit(
         functools.partial(
             train_step,
@@ -212,18 +341,26 @@ def run(config) -> dict:
             loss_config=loss_config,
             optimizer=optimizer,
             schedule=schedule,
+            padded_rows=not b.packing,
         ),
         in_shardings=(shardings, shardings.params if ref is not None else None, None),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    b = config.bench
-    batches = list(synthetic_batches(config, model_config.vocab_size, 1 + b.warmup_steps + b.steps))
-    placed = [sharding.put_batch(batch, mesh, row_axis=1) for batch, _ in batches]
+    placed = [sharding.put_batch(batch, mesh, row_axis=1) for batch in batches]
 
     started = time.perf_counter()
     compiled = step_fn.lower(state, ref, placed[0]).compile()
     compile_s = time.perf_counter() - started
+    # XLA's own plan (before running, so an out-of-memory run still leaves it in the log).
+    analysis = compiled.memory_analysis()
+    temp_gb = None if analysis is None else analysis.temp_size_in_bytes / memory.GiB
+    if analysis is not None:
+        print(
+            f"compiled step memory: arguments {analysis.argument_size_in_bytes / memory.GiB:.2f}"
+            f" GiB, temporaries {temp_gb:.2f} GiB",
+            flush=True,
+        )
     for batch in placed[: 1 + b.warmup_steps]:
         state, metrics = compiled(state, ref, batch)
     jax.block_until_ready(metrics)
@@ -234,55 +371,71 @@ def run(config) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - started)
 
-    timed = [lengths for _, lengths in batches[1 + b.warmup_steps :]]
+    # Figures of the timed steps, from the real tokens of the batches as built.
+    timed = batches[1 + b.warmup_steps :]
     step_s = float(np.median(times))
-    tokens = float(
-        np.mean([(lengths[:, 0] * 2 + lengths[:, 1] + lengths[:, 2]).sum() for lengths in timed])
-    )
+    tokens = float(np.mean([(batch["segment_ids"] != 0).sum() for batch in timed]))
+    slots = float(np.mean([batch["segment_ids"].size for batch in timed]))
     flops = float(
-        np.mean(
-            [step_flops(model_config, lengths, loss_config.needs_reference) for lengths in timed]
-        )
+        np.mean([throughput.batch_flops(model_config, batch, in_step_reference) for batch in timed])
     )
-    rows_tokens = 2 * config.training.batch_size * config.data.max_seq_length
-    peak, peak_source = peak_flops(mesh.devices.flat[0])
+    device = mesh.devices.flat[0]
+    peak, peak_source = throughput.peak_flops(device)
     memory_gb = train.device_memory_gb()
-    result = {
+    fixed = b.lengths == "fixed"
+    return {
         "trainer": "dpo_jax",
         "preset": b.preset,
-        "device": mesh.devices.flat[0].device_kind,
+        "device": device.device_kind,
         "devices": int(mesh.devices.size),
         "params": model.num_params(model_config),
-        "pairs_per_step": config.training.batch_size,
+        "pairs_per_step": t.batch_size,
         "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4),
-        "pairs_per_s": round(config.training.batch_size / step_s, 3),
+        "pairs_per_s": round(t.batch_size / step_s, 3),
         "tokens_per_s": round(tokens / step_s, 1),
-        "padding_fraction": round(1 - tokens / rows_tokens, 4),
+        "padding_fraction": round(1 - tokens / slots, 4),
         "mfu": round(flops / step_s / (peak * mesh.devices.size), 4),
         "peak_flops_source": peak_source,
         "peak_memory_gb": None if memory_gb is None else round(memory_gb, 2),
         "loss": float(metrics["loss"]),
+        "estimated_memory_gb": round(parts["total"] / memory.GiB, 2),
+        "compiled_temp_gb": None if temp_gb is None else round(temp_gb, 2),
+        # The workload (benchmarks/compare.py pairs runs by these) ...
+        "lengths": b.lengths,
+        "prompt_length": b.prompt_length if fixed else None,
+        "completion_length": b.completion_length if fixed else None,
+        "max_seq_length": config.data.max_seq_length,
+        "row_length": row_length,
+        "batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "seed": b.seed,
+        "precision": precision(
+            config.model.param_dtype, t.optimizer_state_dtype, config.model.dtype
+        ),
+        "precompute_ref_log_probs": precompute,
+        # ... and how this trainer ran it.
+        "packing": bool(b.packing),
+        "prefix_sharing": bool(b.packing and b.prefix_sharing),
+        "rows_per_micro_batch": rows,
+        "tokens_per_micro_batch": rows * row_length,
+        "tokens_per_step": tokens,
+        "remat_policy": config.model.remat_policy,
+        "dtype": config.model.dtype,
+        "param_dtype": config.model.param_dtype,
+        "optimizer_state_dtype": t.optimizer_state_dtype,
+        "attention_impl": config.model.attention_impl or "xla",
+        "logits_chunk_size": loss_config.logits_chunk_size,
         "jax": jax.__version__,
     }
-    parts = memory.estimate(
-        state,
-        ref,
-        model_config,
-        tokens_per_device=rows_tokens // sharding.data_parallel_size(mesh),
-        row_length=config.data.max_seq_length,
-        logits_chunk_size=loss_config.logits_chunk_size,
-    )
-    result["estimated_memory_gb"] = round(parts["total"] / memory.GiB, 2)
-    return result
 
 
 def main(argv) -> None:
     del argv
     result = run(flags.FLAGS.config)
     for key, value in result.items():
-        print(f"{key:>20}: {value}")
-    print(json.dumps(result))
+        print(f"{key:>28}: {value}")
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

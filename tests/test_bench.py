@@ -2,10 +2,46 @@
 
 import math
 
+import jax
 import numpy as np
+import pytest
 from conftest import load_config
 
-from dpo_jax import bench, model
+from dpo_jax import bench, throughput, train
+
+# Every field a result must carry (benchmarks/trl_dpo.py prints the same ones).
+FIELDS = (
+    "lengths",
+    "prompt_length",
+    "completion_length",
+    "max_seq_length",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "packing",
+    "prefix_sharing",
+    "precompute_ref_log_probs",
+    "remat_policy",
+    "dtype",
+    "param_dtype",
+    "optimizer_state_dtype",
+    "attention_impl",
+    "logits_chunk_size",
+    "tokens_per_micro_batch",
+    "precision",
+)
+
+# HH-like lengths in rows of 256 (the tiny model's context): pairs vary, so padding shows.
+HH = {
+    "bench.lengths": "hh",
+    "data.max_seq_length": 256,
+    "bench.steps": 1,
+    "bench.warmup_steps": 0,
+}
+
+
+def assert_positive_finite(result):
+    for key in ("pairs_per_s", "tokens_per_s", "mfu", "step_s", "compile_s"):
+        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
 
 
 def test_tiny_benchmark_reports_positive_finite_figures():
@@ -13,21 +49,125 @@ def test_tiny_benchmark_reports_positive_finite_figures():
         "bench", **{"bench.steps": 2, "bench.warmup_steps": 1, "mesh.fsdp": 1, "mesh.data": -1}
     )
     result = bench.run(config)
-    for key in ("pairs_per_s", "tokens_per_s", "mfu", "step_s", "compile_s"):
-        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    assert_positive_finite(result)
     assert result["padding_fraction"] == 0.0  # fixed lengths fill the rows exactly
     assert result["devices"] == 8
+    assert set(FIELDS) <= set(result), set(FIELDS) - set(result)
+    assert result["tokens_per_micro_batch"] == 2 * 8 * 48  # 16 rows of 48
+    assert result["tokens_per_step"] == 8 * 2 * (24 + 24)
+    assert result["precision"] == "pure fp32" and not result["packing"]
+    assert result["lengths"] == "fixed" and result["prompt_length"] == 24
 
 
-def test_hh_lengths_follow_the_public_mix_and_flops_skip_padding():
-    config = load_config("bench", **{"bench.lengths": "hh", "data.max_seq_length": 1024})
-    lengths = bench.synthetic_lengths(config, np.random.default_rng(0), 4000)
-    totals = lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])
-    assert 100 < np.median(lengths[:, 0] + lengths[:, 1]) < 200
-    assert totals.max() <= 1024 and (lengths > 0).all()
-    tiny = bench.model_config_for(load_config("bench"))
-    one = bench.step_flops(tiny, np.array([[10, 5, 5]]), with_reference=False)
-    expected = 2 * 15 * model.flops_per_token(tiny, 15, backward=True)
-    assert math.isclose(one, expected)
-    with_ref = bench.step_flops(tiny, np.array([[10, 5, 5]]), with_reference=True)
-    assert math.isclose(with_ref, one * 4 / 3, rel_tol=0.05)  # +2N on top of 6N
+def test_packing_lowers_padding_and_precomputed_reference_holds_no_weights(monkeypatch):
+    one_device = jax.devices()[:1]
+    padded = bench.run(load_config("bench", **HH), devices=one_device)
+
+    def no_reference_copy(*args):
+        raise AssertionError("precomputed reference log-probs must not copy the weights")
+
+    monkeypatch.setattr(train, "copy_params", no_reference_copy)
+    packed = bench.run(
+        load_config(
+            "bench",
+            **HH,
+            **{"bench.packing": True, "training.precompute_ref_log_probs": True},
+        ),
+        devices=one_device,
+    )
+    for result in (padded, packed):
+        assert_positive_finite(result)
+        assert set(FIELDS) <= set(result)
+        assert result["prompt_length"] is None and result["completion_length"] is None
+    # The same pairs and tokens per step, in fewer rows.
+    assert packed["tokens_per_step"] == padded["tokens_per_step"]
+    assert packed["pairs_per_step"] == padded["pairs_per_step"] == 8
+    assert packed["rows_per_micro_batch"] < padded["rows_per_micro_batch"] == 16
+    assert 0 < packed["padding_fraction"] < padded["padding_fraction"]
+    assert packed["packing"] and packed["precompute_ref_log_probs"]
+    assert math.isfinite(packed["loss"])
+    # No reference forward: 6N per token instead of 8N, so less MFU per token/s.
+    mfu_per_token = {r["packing"]: r["mfu"] / r["tokens_per_s"] for r in (padded, packed)}
+    assert mfu_per_token[True] < 0.8 * mfu_per_token[False]
+
+
+def test_prefix_sharing_gives_the_same_loss_on_fewer_tokens():
+    """The same pairs and initial weights, packed as separate sequences and as prefix-shared
+    groups: the step-0 loss agrees, fewer tokens are computed, and the FLOPs counted are
+    those of the shared layout (the prompt once)."""
+    one_device = jax.devices()[:1]
+    packed_config = load_config("bench", **HH, **{"bench.packing": True})
+    packed = bench.run(packed_config, devices=one_device)
+    shared = bench.run(
+        load_config("bench", **HH, **{"bench.packing": True, "bench.prefix_sharing": True}),
+        devices=one_device,
+    )
+    assert_positive_finite(shared)
+    assert shared["prefix_sharing"] and not packed["prefix_sharing"]
+    assert shared["row_length"] == 2 * packed["row_length"] == 512
+    assert math.isclose(shared["loss"], packed["loss"], rel_tol=1e-5)
+    # The one timed step is the second (the first compiles).
+    vocab_size = bench.model_config_for(packed_config).vocab_size
+    _, pairs = bench.synthetic_steps(packed_config, vocab_size, 2)
+    prompts = sum(len(p.prompt) for p in pairs)
+    assert shared["tokens_per_step"] == packed["tokens_per_step"] - prompts
+
+
+def test_synthetic_pairs_packed_and_padded_hold_the_same_sequences():
+    config = load_config("bench", **HH, **{"training.gradient_accumulation_steps": 2})
+    (pairs,) = bench.synthetic_steps(config, 1024, 1)
+    lengths = np.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs])
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(lengths, bench.synthetic_lengths(config, rng, 8))
+    assert 0 < (lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])).max() <= 256
+
+    padded = bench.build_batch(config, pairs, 8, 1024, rng)
+    config.bench.packing = True
+    rows = bench.packed_rows(config, [pairs], data_parallel=1)
+    packed = bench.build_batch(config, pairs, rows, 1024, rng)
+    assert padded["tokens"].shape == (2, 8, 256) and packed["tokens"].shape == (2, rows, 256)
+    assert rows <= 8  # never more rows than padding needs
+    # Padding never counts: the same real sequences, so the same model FLOPs.
+    same = [np.sort(throughput.batch_sequence_lengths(b)) for b in (padded, packed)]
+    np.testing.assert_array_equal(*same)
+    np.testing.assert_array_equal(np.sort(same[0]), np.sort([n for p in pairs for n in p.lengths]))
+
+
+def test_packing_builds_fixed_rows_and_says_which_key_when_pairs_do_not_fit():
+    config = load_config("bench", **HH, **{"bench.packing": True})
+    steps = bench.synthetic_steps(config, 1024, 3)
+    need = max(bench.rows_needed(pairs, 256) for pairs in steps)
+    assert bench.packed_rows(config, steps, data_parallel=1) == need
+    assert bench.packed_rows(config, steps, data_parallel=4) == -(-need // 4) * 4
+    batch = bench.build_batch(config, steps[0], need, 1024, np.random.default_rng(0))
+    assert batch["tokens"].shape == (1, need, 256)
+    assert batch["pair_mask"].shape == (1, 8) and batch["pair_mask"].all()
+    # Chosen of pair p is sequence 2p, rejected 2p+1, whatever row they landed in.
+    for p, pair in enumerate(steps[0]):
+        for side, n in enumerate(pair.lengths):
+            real = batch["segment_ids"][0] != 0
+            assert ((batch["sequence_ids"][0] == 2 * p + side) & real).sum() == n
+
+    config.bench.packed_rows = need - 1
+    with pytest.raises(SystemExit, match=r"bench\.packed_rows"):
+        bench.packed_rows(config, steps, data_parallel=1)
+
+
+def test_precomputed_reference_log_probs_are_finite_and_zero_in_empty_slots():
+    config = load_config("bench", **HH, **{"training.precompute_ref_log_probs": True})
+    (pairs,) = bench.synthetic_steps(config, 1024, 1)
+    batch = bench.build_batch(config, pairs[:5], 16, 1024, np.random.default_rng(0))
+    ref = batch["ref_logps"]
+    assert ref.shape == (1, 10) and ref.dtype == np.float32 and np.isfinite(ref).all()
+    assert (ref < 0).all()  # -ln V per completion token, about a random model's
+    # An empty pair slot (a padded micro-batch of fewer pairs) carries zeros.
+    batch["pair_mask"][0, 4] = False
+    again = bench.synthetic_ref_logps(batch, 1024, np.random.default_rng(0))
+    assert (again[0, 8:] == 0).all() and (again[0, :8] < 0).all()
+
+
+def test_precision_labels_match_between_trainers():
+    assert bench.precision("bfloat16", "bfloat16", "bfloat16") == "pure bf16"
+    assert (
+        bench.precision("float32", "float32", "bfloat16") == "fp32 weights, fp32 Adam, bf16 compute"
+    )

@@ -18,8 +18,9 @@ from dpo_jax import bench
 SCRIPT = os.path.join(REPO, "benchmarks", "trl_dpo.py")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("trl_dpo", SCRIPT)
+def load_script(name: str = "trl_dpo"):
+    path = os.path.join(REPO, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -32,25 +33,34 @@ def test_trl_gets_our_pairs_and_its_collator_pads_as_counted():
     args = trl_dpo.parse_args(
         ["--preset", "tiny", "--lengths", "hh", "--max_length", "256", "--pairs_per_step", "8"]
     )
+    # What TRL's dataset holds: dpo_jax.bench.synthetic_steps of the config the flags make.
+    theirs = bench.synthetic_steps(trl_dpo.workload_config(args), 1024, 3)
+    columns = trl_dpo.dataset_columns(theirs)
+    assert len(columns["prompt_ids"]) == 3 * 8
+
     config = load_config("bench", **{"bench.lengths": "hh", "data.max_seq_length": 256})
-    ours = list(bench.synthetic_batches(config, 1024, 3))
-    theirs = trl_dpo.synthetic_steps(args, 1024, 3)
+    rng = np.random.default_rng(0)
+    ours = [
+        bench.build_batch(config, pairs, 16, 1024, rng)
+        for pairs in bench.synthetic_steps(config, 1024, 3)
+    ]
     collate = DataCollatorForPreference(pad_token_id=0, max_length=args.max_length)
-    for (batch, lengths), (trl_lengths, pairs) in zip(ours, theirs, strict=True):
-        np.testing.assert_array_equal(lengths, trl_lengths)
+    for step, (batch, pairs) in enumerate(zip(ours, theirs, strict=True)):
+        # Identical token ids: row 2p / 2p+1 of our batch is TRL's prompt + chosen / rejected.
         rows = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
-        for p, (prompt, chosen, rejected) in enumerate(pairs):
-            for side, completion in enumerate((chosen, rejected)):
-                sequence = np.concatenate([prompt, completion])
+        examples = []
+        for p in range(8):
+            example = {name: columns[name][8 * step + p] for name in columns}
+            for side, name in enumerate(("chosen_ids", "rejected_ids")):
+                sequence = example["prompt_ids"] + example[name]
                 np.testing.assert_array_equal(rows[2 * p + side, : len(sequence)], sequence)
-        examples = [
-            {"prompt_ids": a.tolist(), "chosen_ids": b.tolist(), "rejected_ids": c.tolist()}
-            for a, b, c in pairs
-        ]
+                assert (rows[2 * p + side, len(sequence) :] == 0).all()
+            examples.append(example)
         out = collate(examples)  # what TRL's step receives
-        assert out["input_ids"].numel() == trl_dpo.padded_tokens(lengths, micro=8)
-        assert int(out["attention_mask"].sum()) == trl_dpo.real_tokens(lengths)
-        assert int(out["input_ids"].numel()) > trl_dpo.real_tokens(lengths)  # HH mix pads
+        assert out["input_ids"].numel() == trl_dpo.padded_tokens(pairs, micro=8)
+        assert int(out["attention_mask"].sum()) == trl_dpo.real_tokens(pairs)
+        assert int(out["attention_mask"].sum()) == int((batch["segment_ids"] != 0).sum())
+        assert int(out["input_ids"].numel()) > trl_dpo.real_tokens(pairs)  # HH mix pads
 
 
 def test_trl_benchmark_runs_tiny_on_cpu_with_our_fields():
@@ -81,6 +91,8 @@ def test_trl_benchmark_runs_tiny_on_cpu_with_our_fields():
     ours = bench.run(config)
 
     assert set(ours) - {"jax"} <= set(trl), set(ours) - set(trl)
+    for key in load_script("compare").PAIR_KEYS:  # the same workload, so a pair
+        assert trl[key] == ours[key], (key, trl[key], ours[key])
     assert trl["trainer"] == "trl" and trl["trl"] and trl["torch"] and trl["transformers"]
     for key in ("pairs_per_s", "tokens_per_s", "mfu", "step_s", "compile_s", "tokens_per_step"):
         assert math.isfinite(trl[key]) and trl[key] > 0, (key, trl[key])
@@ -97,3 +109,34 @@ def test_trl_benchmark_runs_tiny_on_cpu_with_our_fields():
     assert math.isclose(trl["mfu"] * trl["step_s"], ours["mfu"] * ours["step_s"], rel_tol=0.02)
     # TRL pads each batch to its longest row, ours (without packing) to max_seq_length rows.
     assert 0 < trl["padding_fraction"] <= ours["padding_fraction"] < 1
+
+
+def test_compare_pairs_runs_of_the_same_workload_whatever_each_trainer_did(tmp_path):
+    compare = load_script("compare")
+    workload = {
+        "preset": "llama3_2_1b",
+        "lengths": "hh",
+        "prompt_length": None,
+        "completion_length": None,
+        "max_seq_length": 1024,
+        "batch_size": 8,
+        "pairs_per_step": 8,
+        "gradient_accumulation_steps": 1,
+        "seed": 0,
+        "precision": "pure bf16",
+        "precompute_ref_log_probs": False,
+    }
+    runs = [
+        ("hh8", dict(workload, trainer="dpo_jax", packing=True, pairs_per_s=30.0)),
+        ("hh8", dict(workload, trainer="trl", packing=False, pairs_per_s=10.0)),
+        ("fp32", dict(workload, trainer="dpo_jax", precision="fp32 weights", pairs_per_s=5.0)),
+    ]
+    path = tmp_path / "results.jsonl"
+    lines = [json.dumps({"case": c, "command": "x", "result": r}) for c, r in runs]
+    lines.append(json.dumps({"case": "big", "command": "y", "error": "timeout after 200 s"}))
+    path.write_text("\n".join(lines) + "\n")
+    results, failures = compare.read([str(path)])
+    assert len(results) == 3 and failures[0]["case"] == "big"
+    (pair,) = compare.pairs(results)  # the fp32 run has no TRL partner
+    assert "pairs/s 3.00×" in pair and "packed" in pair and "padded" in pair
+    assert compare.table(results).count("\n| ") == 3  # a row per run under the header
