@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dpo_jax import data, hf, memory, model, optim, sharding, throughput, train
-from dpo_jax.data.batching import fill_shared, pack_step
+from dpo_jax.data.batching import pack_step, pair_parts
 from dpo_jax.step import LossConfig, train_step
 
 config_flags.DEFINE_config_file("config", None, "configs/bench.py[:preset]", lock_config=True)
@@ -181,14 +181,6 @@ def micro_batches(config, pairs: list) -> list[list]:
 # ------------------------------------------------------------------------ batches
 
 
-def pair_parts(pairs: list, shared: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Row tokens of each pair's parts: chosen and rejected sequences, or (prefix sharing)
-    one [prompt | chosen | rejected] group."""
-    if shared:
-        return np.array([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]), None
-    return np.array([p.lengths[0] for p in pairs]), np.array([p.lengths[1] for p in pairs])
-
-
 def rows_needed(pairs: list, row_length: int, shared: bool = False) -> int:
     """Fewest rows of `row_length` that first-fit decreasing packs these pairs into."""
     first, second = pair_parts(pairs, shared)
@@ -255,29 +247,13 @@ def build_batch(config, pairs: list, rows: int, vocab_size: int, rng: np.random.
     row_length = row_length_of(config)
     parts = []
     for micro in micro_batches(config, pairs):
-        if config.bench.packing and config.bench.prefix_sharing:
-            groups, _ = pair_parts(micro, shared=True)
-            (plan,), _ = pack_step(
-                range(len(micro)),
-                groups,
-                None,
-                micro_batches=1,
-                rows=rows,
-                row_length=row_length,
-                pair_slots=len(micro),
-            )
+        if config.bench.packing:
+            shared = bool(config.bench.prefix_sharing)
             parts.append(
-                fill_shared(
-                    sorted(plan),
-                    micro,
-                    num_rows=rows,
-                    row_length=row_length,
-                    num_pairs=len(micro),
-                    pad_id=PAD_ID,
+                data.packed_batch(
+                    micro, len(micro), rows, row_length, PAD_ID, prefix_sharing=shared
                 )
             )
-        elif config.bench.packing:
-            parts.append(data.packed_batch(micro, len(micro), rows, row_length, PAD_ID))
         else:
             parts.append(data.padded_batch(micro, len(micro), row_length, PAD_ID))
     batch = data.stack_batches(parts)

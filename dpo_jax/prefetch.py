@@ -36,19 +36,14 @@ class Prefetcher:
     def _fill(self) -> None:
         try:
             while not self._stop.is_set():
-                item = self._produce()
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(self._produce())
         except BaseException as error:  # re-raised in the consumer's thread
-            self._put_final(error)
+            self._put(error)
         else:
-            self._put_final(_DONE)
+            self._put(_DONE)
 
-    def _put_final(self, item) -> None:
+    def _put(self, item) -> None:
+        """Waits for room in the queue, giving up once close() was called."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)

@@ -84,7 +84,9 @@ def test_packed_and_padded_give_the_same_loss():
     padded = data.padded_batch(pairs, 6, 24, 0)
     packed = data.packed_batch(pairs, 6, num_rows=12, row_length=24, pad_id=0)
     assert packed["segment_ids"].max() >= 2 and not packed["segment_ids"][6:].any()
-    shared = shared_batch(pairs, 6, num_rows=6, row_length=48)  # prompts computed once
+    shared = data.packed_batch(
+        pairs, 6, num_rows=6, row_length=48, pad_id=0, prefix_sharing=True
+    )  # prompts computed once
     loss_config = step.LossConfig(sft_loss_weight=0.5)
     eval_sums = jax.jit(
         functools.partial(step.eval_sums, model_config=model_config, loss_config=loss_config),
@@ -103,28 +105,9 @@ def test_packed_and_padded_give_the_same_loss():
             np.testing.assert_allclose(other[key], metrics[0][key], rtol=1e-5, atol=1e-5)
 
 
-def shared_batch(pairs, num_pairs, num_rows, row_length):
-    """All of `pairs` as prefix-shared groups in one micro-batch, pair p in slot p."""
-    group_lengths = np.array([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs])
-    (plan,), left = data.batching.pack_step(
-        range(len(pairs)),
-        group_lengths,
-        None,
-        micro_batches=1,
-        rows=num_rows,
-        row_length=row_length,
-        pair_slots=num_pairs,
-    )
-    assert not left
-    return data.batching.fill_shared(
-        sorted(plan), pairs, num_rows=num_rows, row_length=row_length, num_pairs=num_pairs,
-        pad_id=0,
-    )  # fmt: skip
-
-
 def test_prefix_shared_layout():
     pairs = [make_pair(4, 3, 5, 0), make_pair(2, 6, 1, 1), make_pair(5, 2, 2, 2)]
-    batch = shared_batch(pairs, num_pairs=4, num_rows=2, row_length=24)
+    batch = data.packed_batch(pairs, 4, num_rows=2, row_length=24, pad_id=0, prefix_sharing=True)
     assert batch["pair_mask"].tolist() == [True, True, True, False]
     flat = {k: v.reshape(-1) for k, v in batch.items() if v.ndim == 2}
     for p, pair in enumerate(pairs):

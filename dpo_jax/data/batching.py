@@ -258,18 +258,29 @@ def fill_shared(
     return batch
 
 
-def packed_batch(
-    pairs: Sequence[TokenizedPair], num_pairs: int, num_rows: int, row_length: int, pad_id: int
-) -> dict:
-    """All of `pairs` packed into one micro-batch of num_rows rows (pair p keeps slot p).
+def pair_parts(
+    pairs: Sequence[TokenizedPair], prefix_sharing: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row tokens of each pair's parts, as pack_step takes them: its chosen and rejected
+    sequences, or (prefix sharing) one [prompt | chosen | rejected] group and None."""
+    if prefix_sharing:
+        return np.array([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]), None
+    return np.array([p.lengths[0] for p in pairs]), np.array([p.lengths[1] for p in pairs])
 
-    Raises DataError when they do not fit."""
-    chosen = np.array([n for n, _ in (p.lengths for p in pairs)])
-    rejected = np.array([n for _, n in (p.lengths for p in pairs)])
+
+def packed_batch(
+    pairs: Sequence[TokenizedPair],
+    num_pairs: int,
+    num_rows: int,
+    row_length: int,
+    pad_id: int,
+    prefix_sharing: bool = False,
+) -> dict:
+    """All of `pairs` packed into one micro-batch of num_rows rows (pair p keeps slot p), as
+    separate sequences or as prefix-shared groups. Raises DataError when they do not fit."""
     (plan,), left = pack_step(
         range(len(pairs)),
-        chosen,
-        rejected,
+        *pair_parts(pairs, prefix_sharing),
         micro_batches=1,
         rows=num_rows,
         row_length=row_length,
@@ -277,11 +288,11 @@ def packed_batch(
     )
     if left:
         raise DataError(
-            f"packing: {2 * len(pairs)} sequences do not fit in {num_rows} rows of "
-            f"{row_length} tokens"
+            f"packing: {len(pairs)} pairs do not fit in {num_rows} rows of {row_length} tokens"
         )
+    fill = fill_shared if prefix_sharing else fill_packed
     plan = sorted(plan)  # slot p = pair p, as in padded_batch
-    return fill_packed(
+    return fill(
         plan, pairs, num_rows=num_rows, row_length=row_length, num_pairs=num_pairs, pad_id=pad_id
     )
 
