@@ -1,8 +1,9 @@
 """The Flax modules of one decoder layer: RMSNorm, RoPE, grouped-query attention (training,
-padded-row and KV-cache paths), the gated MLP, and the pre-norm Block that dpo_jax.model scans.
+padded-row, packed-row and KV-cache paths), the gated MLP, and the pre-norm Block that
+dpo_jax.model scans.
 
 Shape legend: B rows, T tokens, S key tokens, D model, N query heads, K kv heads, G query heads
-per kv head, H head dim, F mlp.
+per kv head, H head dim, F mlp, M segments per row (M1: M + 1).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpo_jax import attention
 from dpo_jax.model_config import ACTIVATIONS, ModelConfig, rope_inv_freq
 
 INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
@@ -88,85 +90,17 @@ class Einsum(nn.Module):
         return y
 
 
-def _softcap_attention(
-    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, softcap, is_causal=True
-):
-    """GQA attention with Gemma 2's score cap: cap * tanh(q.k * scale / cap), fp32 scores and
-    softmax (jax.nn.dot_product_attention has no soft-capping)."""
-    b, t, n, h = q_BxTxNxH.shape
-    k = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    scores_BxKxGxTxS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    )
-    scores_BxKxGxTxS = softcap * jnp.tanh(scores_BxKxGxTxS * scale / softcap)
-    visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
-    if is_causal:
-        visible_Bx1x1xTxS &= jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))
-    scores_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, scores_BxKxGxTxS, -1e30)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
-
-
-def _padded_rows_attention(
-    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, scale, implementation
-):
-    """Causal attention of right-padded rows (one sequence per row, from index 0; segment id 0
-    only on trailing padding), told to the kernel as sequence lengths rather than a mask:
-    cuDNN runs lengths inside its flash kernel (PADDING_CAUSAL) but any [B, 1, T, S] mask
-    only as a dense bias, which is much slower."""
-    valid_BxTx1x1 = (segment_ids_BxT != 0)[:, :, None, None]
-    lengths_B = jnp.sum(segment_ids_BxT != 0, axis=1, dtype=jnp.int32)
-    # What a kernel leaves at padded positions (outputs, and dq/dk/dv in the backward pass) is
-    # its own business: JAX's XLA path zeroes them, a fused kernel need not. Selecting zeros
-    # on the way in and out keeps it from ever reaching a real token or a parameter gradient
-    # (a select's gradient drops the unselected side, NaN included); a fused elementwise pass.
-    zero_padding = lambda x: jnp.where(valid_BxTx1x1, x, jnp.zeros((), x.dtype))
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        zero_padding(q_BxTxNxH),
-        zero_padding(k_BxTxKxH),
-        zero_padding(v_BxTxKxH),
-        scale=scale,
-        is_causal=True,
-        query_seq_lengths=lengths_B,
-        key_value_seq_lengths=lengths_B,
-        implementation=implementation,
-    )
-    return zero_padding(out_BxTxNxH)
-
-
-def _masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, config, *, is_causal, impl):
-    scale = (config.query_pre_attn_scalar or config.resolved_head_dim) ** -0.5
-    if config.attn_logit_softcap is not None:
-        return _softcap_attention(
-            q_BxTxNxH,
-            k_BxSxKxH,
-            v_BxSxKxH,
-            mask_Bx1xTxS,
-            scale=scale,
-            softcap=config.attn_logit_softcap,
-            is_causal=is_causal,
-        )
-    return jax.nn.dot_product_attention(
-        q_BxTxNxH,
-        k_BxSxKxH,
-        v_BxSxKxH,
-        mask=mask_Bx1xTxS,
-        scale=scale,
-        is_causal=is_causal,
-        implementation=impl,
-    )
-
-
 class Attention(nn.Module):
     """Grouped-query attention, causal within each segment (and within `window` if > 0).
 
     With decode=True the keys and values come from the KV cache instead (see `_cached`).
-    With padded_rows=True the caller promises right-padded rows (see `_padded_rows_attention`);
-    configs without sliding windows or score caps then pass lengths, not a mask, to the kernel
-    (the others, and decoding, ignore it). Prefix-shared rows add branch ids: 0 for the
-    shared prompt, 1 / 2 for the two replies; a reply's keys are hidden from the other's."""
+    With padded_rows=True the caller promises right-padded rows: configs without sliding
+    windows or score caps then pass lengths, not a mask, to the kernel (the others, and
+    decoding, ignore it; see `attention.padded_rows_attention`). Packed rows on cuDNN with
+    max_segments_per_row set (same exclusions) pass segment offsets and lengths where the GPU
+    and cuDNN allow it (`attention.packed_rows_attention`). Prefix-shared rows add branch
+    ids: 0 for the shared prompt, 1 / 2 for the two replies; a reply's keys are hidden from
+    the other's (always the mask path)."""
 
     config: ModelConfig
     decode: bool = False
@@ -214,7 +148,7 @@ class Attention(nn.Module):
             )
             # The cache mask holds causality. cuDNN's flash kernels gain nothing on one query
             # and take arbitrary masks only as a bias; decoding uses XLA's.
-            out_BxTxNxH = _masked_attention(
+            out_BxTxNxH = attention.masked_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, c, is_causal=False, impl=None
             )
         elif (
@@ -223,13 +157,30 @@ class Attention(nn.Module):
             and c.sliding_window is None
             and c.attn_logit_softcap is None
         ):
-            out_BxTxNxH = _padded_rows_attention(
+            out_BxTxNxH = attention.padded_rows_attention(
                 q_BxTxNxH,
                 k_BxTxKxH,
                 v_BxTxKxH,
                 segment_ids_BxT,
                 scale=(c.query_pre_attn_scalar or h) ** -0.5,
                 implementation=c.attention_impl,
+            )
+        elif (
+            c.attention_impl == "cudnn"
+            and c.max_segments_per_row is not None
+            and branch_ids_BxT is None
+            and c.sliding_window is None
+            and c.attn_logit_softcap is None
+            and (api := attention.cudnn_packed_api()) is not None
+        ):
+            out_BxTxNxH = attention.packed_rows_attention(
+                q_BxTxNxH,
+                k_BxTxKxH,
+                v_BxTxKxH,
+                segment_ids_BxT,
+                scale=(c.query_pre_attn_scalar or h) ** -0.5,
+                max_segments=c.max_segments_per_row,
+                api=api,
             )
         else:
             # Causal by index in the row AND same segment. Padding (segment 0) attends to
@@ -248,7 +199,7 @@ class Attention(nn.Module):
                     key_branch_Bx1x1xS == branch_ids_BxT[:, None, :, None]
                 )
             # Causal by index (is_causal): the fast kernels' own mask.
-            out_BxTxNxH = _masked_attention(
+            out_BxTxNxH = attention.masked_attention(
                 q_BxTxNxH,
                 k_BxTxKxH,
                 v_BxTxKxH,

@@ -62,6 +62,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention_impl: Literal["xla", "cudnn"] | None = None
+    # Packed rows on cuDNN (Hopper or later, cuDNN >= 9.6): the most sequences any row holds,
+    # M; rows then reach the flash kernel as M segment offsets and lengths instead of a
+    # [B, 1, T, S] mask (a dense bias there). The caller promises the bound: segment ids above
+    # M would be dropped (outputs 0). cuDNN keeps [B*M, N, T] fp32 softmax statistics per layer
+    # for the backward pass, M times the padded path's. None: the mask. Ignored on XLA, and
+    # by padded rows, prefix sharing, sliding windows and score caps.
+    max_segments_per_row: int | None = None
     remat_policy: Literal["none", "dots_saveable", "full"] = "none"
     scan_layers: bool = True
 
@@ -80,6 +87,10 @@ class ModelConfig:
             unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
             if unknown:
                 raise ValueError(f"layer_types {sorted(unknown)}: sliding_attention|full_attention")
+        if self.max_segments_per_row is not None and self.max_segments_per_row < 2:
+            # JAX reads [B, 1] offsets as no packing at all; one sequence per row is
+            # padded_rows (dpo_jax.model.hidden_states).
+            raise ValueError(f"max_segments_per_row={self.max_segments_per_row} must be >= 2")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None)")
 
