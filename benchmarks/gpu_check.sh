@@ -21,9 +21,12 @@
 #   c_trl   "c" through TRL (--param_dtype float32: fp32 master and AdamW, bf16 autocast)
 #   f_jax   "b" with prefix sharing (each pair's prompt computed once; mask attention)
 #   b16_jax, b16_trl   "b" at 16 pairs per step (packing gains more with more pairs)
+#   g_jax   "b" with cuDNN's packed segment layout (bench.max_segments_per_row=-1) instead of
+#           the mask as a bias; benchmarks/gpu_attention_check.py checks its numbers first
 #
 # Environment knobs:
 #   RUNS           the runs above to do, in this order (default: all of them)
+#   ATTENTION_CHECK  1 (default): run benchmarks/gpu_attention_check.py first (~1 min)
 #   PRESET         model of the 1B runs (llama3_2_1b); BIG_PRESET the 8B one (llama3_1_8b).
 #                  PRESET=tiny BIG_PRESET=tiny is a CPU dry run of this script.
 #   STEPS, WARMUP  timed / untimed steps of every run (default 5 / 2)
@@ -35,7 +38,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-RUNS=${RUNS:-a_jax a_trl b_jax b_trl c_jax d_jax e_jax c_trl f_jax b16_jax b16_trl}
+RUNS=${RUNS:-a_jax a_trl b_jax b_trl c_jax d_jax e_jax c_trl f_jax g_jax b16_jax b16_trl}
 PRESET=${PRESET:-llama3_2_1b}
 BIG_PRESET=${BIG_PRESET:-llama3_1_8b}
 STEPS=${STEPS:-5}
@@ -118,6 +121,8 @@ command_of() {  # run name -> command line (its flags are meant to split)
     b16_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=16 \
       --config.bench.packing=True ;;
     b16_trl) trl --lengths hh --pairs_per_step 16 ;;
+    g_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
+      --config.bench.packing=True --config.bench.max_segments_per_row=-1 ;;
     *) return 1 ;;
   esac
 }
@@ -178,6 +183,18 @@ run_one() {  # name
   fi
   rm -f "$output"
 }
+
+# First, the attention paths' numbers against XLA's (cuDNN lengths for padded rows, used by
+# every padded run below; cuDNN packed segments for g_jax): PASS/FAIL lines and one JSON line,
+# kept apart from results.jsonl (which compare.py reads).
+if [[ ${ATTENTION_CHECK:-1} == 1 ]]; then
+  echo "== attention check (limit 90s)" | tee -a "$LOG"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION timeout -k 10 90 \
+    $PY benchmarks/gpu_attention_check.py >"$OUT/attention_check.log" 2>&1
+  echo "== attention check: exit $? after ${SECONDS}s" | tee -a "$LOG"
+  grep -E 'PASS|FAIL|SKIP' "$OUT/attention_check.log" | tee -a "$LOG"
+  grep '^{' "$OUT/attention_check.log" | tail -n 1 >"$OUT/attention_check.jsonl"
+fi
 
 for name in $RUNS; do
   run_one "$name"

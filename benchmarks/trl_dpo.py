@@ -388,6 +388,7 @@ def run(args) -> dict:
         # ... and how TRL ran it: rows padded to the longest of each micro-batch.
         "packing": False,
         "prefix_sharing": False,  # TRL has no prefix sharing for DPO
+        "max_segments_per_row": None,
         "row_length": args.max_length,
         "rows_per_micro_batch": 2 * micro,
         "tokens_per_micro_batch": round(slots / args.gradient_accumulation_steps, 1),

@@ -33,6 +33,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # With packing: each pair one [prompt | chosen | rejected] group, the prompt computed
     # once (rows of 2 x max_seq_length, as data.prefix_sharing in training).
     c.bench.prefix_sharing = False
+    # Packed rows on cuDNN (Hopper, cuDNN >= 9.6): segments per row bound that sends them to
+    # the flash kernel's packed layout (-1 = the most any row holds; 0 = the mask as a bias).
+    c.bench.max_segments_per_row = 0
     c.bench.packed_rows = 0  # rows per packed micro-batch; 0 = fewest that hold every step
 
     c.model = ml_collections.ConfigDict()

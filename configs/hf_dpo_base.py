@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Packed pairs as [prompt | chosen | rejected] with the prompt computed once (rows of
     # 2 x max_seq_length; needs data.packing). Saves the prompt's second pass.
     c.data.prefix_sharing = False
+    # With packing: sequences per row at most (0 = as many as fit). On cuDNN (Hopper,
+    # cuDNN >= 9.6) a bound >= 2 sends packed rows to the flash kernel as segments
+    # instead of a dense mask bias; its softmax statistics grow with the bound (8-16).
+    c.data.max_segments_per_row = 0
     c.data.bucket_lengths = ""  # padded row lengths: "" = max_seq_length, "auto", "128,256"
     c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
     c.data.num_proc = 0  # tokenization workers (0 = automatic)

@@ -17,6 +17,7 @@ sequences of the built batches; padding never counts. Prints one JSON line at th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -110,6 +111,23 @@ def model_config_for(config) -> model.ModelConfig:
             f"config bench.preset={config.bench.preset!r}: choose tiny or one of {sorted(PRESETS)}"
         )
     return hf.model_config_from_hf(PRESETS[config.bench.preset], **runtime)
+
+
+def packed_segments_bound(config, batches: list) -> int | None:
+    """bench.max_segments_per_row for plain packed rows (cuDNN's packed layout; ignored on
+    XLA): -1 = the most sequences any built row holds (at least 2), 0 = none (the mask)."""
+    b = config.bench
+    if not b.packing or b.prefix_sharing or b.max_segments_per_row == 0:
+        return None
+    most = max(int(batch["segment_ids"].max()) for batch in batches)
+    if b.max_segments_per_row < 0:
+        return max(2, most)
+    if b.max_segments_per_row < most or b.max_segments_per_row < 2:
+        raise SystemExit(
+            f"config bench.max_segments_per_row={b.max_segments_per_row}: packed rows hold up "
+            f"to {most} sequences; use 0 (mask), -1 (automatic) or at least {max(2, most)}"
+        )
+    return b.max_segments_per_row
 
 
 def precision(param_dtype: str, optimizer_state_dtype: str, dtype: str) -> str:
@@ -290,6 +308,8 @@ def run(config, devices=None) -> dict:
     batches = [
         build_batch(config, pairs, rows, model_config.vocab_size, ref_rng) for pairs in steps
     ]
+    segments_bound = packed_segments_bound(config, batches)
+    model_config = dataclasses.replace(model_config, max_segments_per_row=segments_bound)
 
     optim_config = optim.OptimConfig(
         learning_rate=t.learning_rate, total_steps=1000, state_dtype=t.optimizer_state_dtype
@@ -393,6 +413,7 @@ def run(config, devices=None) -> dict:
         # ... and how this trainer ran it.
         "packing": bool(b.packing),
         "prefix_sharing": bool(b.packing and b.prefix_sharing),
+        "max_segments_per_row": segments_bound,
         "rows_per_micro_batch": rows,
         "tokens_per_micro_batch": rows * row_length,
         "tokens_per_step": tokens,

@@ -109,7 +109,22 @@ def model_config_from(config) -> model.ModelConfig:
         param_dtype=m.param_dtype,
         attention_impl=m.attention_impl or None,
         remat_policy=remat,
+        max_segments_per_row=packed_segments_bound(config.data),
     )
+
+
+def packed_segments_bound(d) -> int | None:
+    """The bound on sequences per packed row that cuDNN's packed layout relies on, or None
+    (every other case: the mask). The packer enforces the same bound (data batching)."""
+    bound = int(d.get("max_segments_per_row", 0))
+    if bound == 0 or not d.get("packing", False) or d.get("prefix_sharing", False):
+        return None
+    if bound < 2:
+        raise ConfigError(
+            f"config data.max_segments_per_row={bound}: use 0 (no bound) or at least 2; one "
+            "sequence per row is padding (data.packing=False)"
+        )
+    return bound
 
 
 def build_optimizer(config, total_steps: int):

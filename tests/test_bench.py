@@ -171,3 +171,16 @@ def test_precision_labels_match_between_trainers():
     assert (
         bench.precision("float32", "float32", "bfloat16") == "fp32 weights, fp32 Adam, bf16 compute"
     )
+
+
+def test_segment_bound_is_the_most_sequences_a_row_holds_or_an_error():
+    config = load_config("bench", **HH, **{"bench.packing": True})
+    batches = [{"segment_ids": np.array([[[1, 1, 2, 3, 0]]])}, {"segment_ids": np.ones((1, 1, 5))}]
+    assert bench.packed_segments_bound(config, batches) is None  # 0: the mask
+    config.bench.max_segments_per_row = -1
+    assert bench.packed_segments_bound(config, batches) == 3
+    config.bench.max_segments_per_row = 2
+    with pytest.raises(SystemExit, match="bench.max_segments_per_row=2"):
+        bench.packed_segments_bound(config, batches)
+    config.bench.prefix_sharing = True  # prefix-shared rows always take the mask
+    assert bench.packed_segments_bound(config, batches) is None

@@ -309,3 +309,18 @@ def test_weighted_mixture_is_deterministic_and_upsamples():
     assert not np.array_equal(stream.epoch_order(0), stream.epoch_order(1))
     with pytest.raises(data.DataError, match="train_weights"):
         data.PairIterator(big + small, **(kwargs | {"sources": [(30, 0.0), (6, 0.0)]}))
+
+
+def test_packing_respects_max_segments_per_row():
+    """cuDNN's packed layout relies on the bound: no row ever holds more sequences."""
+    pairs = random_pairs(120, 64, seed=5)
+    kwargs = dict(batch_size=16, accumulation_steps=1, row_length=64, pad_id=0, seed=0)
+    free = data.PairIterator(pairs, packing=True, **kwargs)
+    bounded = data.PairIterator(pairs, packing=True, max_segments_per_row=2, **kwargs)
+    assert max(next(free)["segment_ids"].max() for _ in range(3)) > 2  # short pairs pile up
+    seen = []
+    for index in range(bounded.steps_per_epoch):
+        assert bounded.build_step(0, index)["segment_ids"].max() <= 2
+        seen += [i for micro in bounded.step_pairs(0, index) for i in micro]
+    assert sorted(seen) == list(range(120))  # still every pair once
+    assert bounded.fingerprint() != free.fingerprint()

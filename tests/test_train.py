@@ -17,6 +17,7 @@ from conftest import (
     REPO,
     assert_rows_close,
     fast_config,
+    load_config,
     read_metrics,
     train_rows,
 )
@@ -153,3 +154,17 @@ def test_prefix_sharing_trains_like_separate_sequences(packed_baseline, small_va
     with open(os.path.join(tmp_path, "data_report.json")) as f:
         batching = json.load(f)["batching"]
     assert batching["mode"] == "packed, prefix-shared" and batching["row_length"] == 160
+
+
+def test_segment_bound_reaches_the_model_only_for_plain_packing():
+    def bound(**overrides):
+        config = load_config("tiny", **{"model.attention_impl": "cudnn"} | overrides)
+        return train.model_config_from(config).max_segments_per_row
+
+    packed = {"data.packing": True, "data.max_segments_per_row": 8}
+    assert bound(**packed) == 8
+    assert bound(**packed | {"data.prefix_sharing": True}) is None  # the mask path
+    assert bound(**packed | {"data.packing": False}) is None
+    assert bound() is None
+    with pytest.raises(train.ConfigError, match="data.max_segments_per_row=1"):
+        bound(**packed | {"data.max_segments_per_row": 1})

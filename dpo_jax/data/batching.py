@@ -127,6 +127,7 @@ def pack_step(
     rows: int,
     row_length: int,
     pair_slots: int,
+    max_segments_per_row: int = 0,
 ) -> tuple[list[list[tuple]], list[int]]:
     """First-fit decreasing of whole pairs into one optimizer step.
 
@@ -135,8 +136,10 @@ def pack_step(
     A pair's parts are its chosen and rejected sequences, or, with `rejected_lengths`
     None, one prefix-shared group [prompt | chosen | rejected] of `chosen_lengths` tokens.
     Returns per micro-batch [(pair index, slot per part…)] in slot order, and the pairs of
-    `window` that did not fit (in window order) for the next step.
+    `window` that did not fit (in window order) for the next step. A row holds at most
+    `max_segments_per_row` parts when that is > 0 (cuDNN's packed layout needs the bound).
     """
+    cap = max_segments_per_row if max_segments_per_row > 0 else np.iinfo(np.int64).max
     parts = (chosen_lengths,) if rejected_lengths is None else (chosen_lengths, rejected_lengths)
     free = np.full((micro_batches, rows), row_length, np.int64)
     segments = np.zeros((micro_batches, rows), np.int64)
@@ -146,10 +149,11 @@ def pack_step(
         lengths = [int(part[i]) for part in parts]
         order = sorted(range(len(parts)), key=lambda k: -lengths[k])  # longer part first
         counts = np.array([len(p) for p in plans])
-        for a in np.flatnonzero((counts < pair_slots) & (free >= lengths[order[0]]).any(1)):
+        room = (free >= lengths[order[0]]) & (segments < cap)
+        for a in np.flatnonzero((counts < pair_slots) & room.any(1)):
             slots: list = [None] * len(parts)
             for k in order:
-                fits = free[a] >= lengths[k]
+                fits = (free[a] >= lengths[k]) & (segments[a] < cap)
                 if not fits.any():
                     break
                 row = int(np.argmax(fits))

@@ -65,6 +65,7 @@ class PairIterator:
         packed_rows: int = 0,
         packed_pairs: int = 0,
         prefix_sharing: bool = False,
+        max_segments_per_row: int = 0,
         sources: Sequence[tuple[int, float]] | None = None,
         process_index: int = 0,
         process_count: int = 1,
@@ -85,6 +86,7 @@ class PairIterator:
         if prefix_sharing and not packing:
             raise DataError("config data.prefix_sharing=True needs data.packing=True")
         self.pack_length = 2 * row_length if prefix_sharing else row_length
+        self.max_segments_per_row = max_segments_per_row  # 0 = as many as fit
         self.process_index, self.process_count = process_index, process_count
         # (size, weight) per source, in the order the sources are concatenated in `pairs`.
         self.sources = list(sources) if sources else None
@@ -172,6 +174,7 @@ class PairIterator:
                 rows=self.rows,
                 row_length=self.pack_length,
                 pair_slots=self.pair_slots,
+                max_segments_per_row=self.max_segments_per_row,
             )
             steps.append(plan)
         self._plan = (epoch, steps)
@@ -205,6 +208,7 @@ class PairIterator:
                     self.buckets,
                     self.packing,
                     self.prefix_sharing,
+                    self.max_segments_per_row,
                     self.rows,
                     self.pair_slots,
                     self.sources,

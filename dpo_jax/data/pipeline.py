@@ -47,6 +47,7 @@ class DataSettings:
     packed_rows: int = 0  # rows per micro-batch (0 = 2 · batch_size / accumulation)
     packed_pairs: int = 0  # pair slots per micro-batch (0 = from the mean pair length)
     prefix_sharing: bool = False  # packed [prompt | chosen | rejected] groups, prompt once
+    max_segments_per_row: int = 0  # packed sequences per row at most (0 = as many as fit)
     bucket_lengths: tuple[int, ...] | str = ()  # padded row lengths ("auto", (), or lengths)
     shuffle: bool = True
     num_proc: int = 0  # tokenization workers (0 = automatic)
@@ -105,6 +106,7 @@ def settings_from_config(d, model_max_length: int | None = None) -> DataSettings
         packed_rows=int(get("packed_rows", 0)),
         packed_pairs=int(get("packed_pairs", 0)),
         prefix_sharing=bool(get("prefix_sharing", False)),
+        max_segments_per_row=int(get("max_segments_per_row", 0)),
         bucket_lengths=buckets if isinstance(buckets, str) else tuple(buckets),
         shuffle=bool(get("shuffle", True)),
         num_proc=int(get("num_proc", 0)),
@@ -293,6 +295,7 @@ def build_data(
         packed_rows=settings.packed_rows,
         packed_pairs=settings.packed_pairs,
         prefix_sharing=settings.prefix_sharing,
+        max_segments_per_row=settings.max_segments_per_row,
         sources=list(zip(sizes, weights, strict=True)) if weights else None,
         process_index=process_index,
         process_count=process_count,
