@@ -1,5 +1,7 @@
 """Two processes × 4 emulated CPU devices through launch/local.sh equal one process, and a
-killed two-process run resumes with the same command."""
+killed two-process run resumes with the same command. The two-process run uses precomputed
+reference log-probs (computed by both processes, loaded from the cache on resume) against
+the one-process run's in-step reference."""
 
 import os
 import signal
@@ -18,7 +20,7 @@ from dpo_jax import train
 STEPS = 6
 
 
-def launch_args(workdir, small_validation):
+def launch_args(workdir, small_validation, cache_dir):
     args = [
         "bash",
         os.path.join(REPO, "launch", "local.sh"),
@@ -34,6 +36,8 @@ def launch_args(workdir, small_validation):
         f"--config.data.validation_file={small_validation}",
         f"--config.training.max_steps={STEPS}",
         "--config.mesh.fsdp=-1",
+        "--config.training.precompute_ref_log_probs=True",
+        f"--config.data.cache_dir={cache_dir}",
     ]
     return args
 
@@ -58,7 +62,7 @@ def test_two_processes_killed_and_resumed_match_one_process(
     single_process, small_validation, tmp_path
 ):
     workdir = str(tmp_path / "two")
-    args = launch_args(workdir, small_validation)
+    args = launch_args(workdir, small_validation, str(tmp_path / "cache" / "data"))
     process = subprocess.Popen(
         args,
         env=launch_env(),
@@ -78,6 +82,8 @@ def test_two_processes_killed_and_resumed_match_one_process(
     finished = subprocess.run(args, env=launch_env(), capture_output=True, text=True, timeout=420)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "resumed from step" in finished.stdout
+    assert "reference log-probs of training data: 3000 pairs computed" in output
+    assert "reference log-probs of training data: 3000 pairs loaded" in finished.stdout
     assert "'data': 1, 'fsdp': 8" in finished.stdout  # one mesh over both processes
 
     expected, got = read_metrics(single_process), read_metrics(workdir)
