@@ -30,7 +30,7 @@ PAIR_KEYS = (
     "precompute_ref_log_probs",
 )
 # How a trainer ran it: named in a pair's line when set.
-HOW_KEYS = ("packing", "prefix_sharing", "max_segments_per_row", "remat_policy", "attention_impl")
+HOW_KEYS = ("packing", "prefix_sharing", "cudnn_packed_layout", "remat_policy", "attention_impl")
 
 COLUMNS = (
     ("case", "case"),
@@ -92,7 +92,7 @@ def how(r) -> str:
     rows = "packed" if r.get("packing") else "padded"
     if r.get("prefix_sharing"):
         rows += " prefix-shared"
-    if r.get("max_segments_per_row") and r.get("attention_impl") == "cudnn":
+    if r.get("cudnn_packed_layout"):
         rows += f" (≤{r['max_segments_per_row']} segments: cuDNN packed layout)"
     if r.get("tokens_per_micro_batch") is not None:
         rows += f" {r['tokens_per_micro_batch']:g} tok/µb"

@@ -389,6 +389,7 @@ def run(args) -> dict:
         "packing": False,
         "prefix_sharing": False,  # TRL has no prefix sharing for DPO
         "max_segments_per_row": None,
+        "cudnn_packed_layout": False,
         "row_length": args.max_length,
         "rows_per_micro_batch": 2 * micro,
         "tokens_per_micro_batch": round(slots / args.gradient_accumulation_steps, 1),

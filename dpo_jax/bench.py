@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import data, hf, memory, model, optim, sharding, throughput, train
+from dpo_jax import attention, data, hf, memory, model, optim, sharding, throughput, train
 from dpo_jax.data.batching import pack_step, pair_parts
 from dpo_jax.step import LossConfig, train_step
 
@@ -414,6 +414,15 @@ def run(config, devices=None) -> dict:
         "packing": bool(b.packing),
         "prefix_sharing": bool(b.packing and b.prefix_sharing),
         "max_segments_per_row": segments_bound,
+        # Whether the attention really took cuDNN's packed segment layout (it falls back to
+        # the mask without cuDNN >= 9.6 on Hopper, or when JAX's private API moved).
+        "cudnn_packed_layout": bool(
+            segments_bound
+            and model_config.attention_impl == "cudnn"
+            and model_config.sliding_window is None
+            and model_config.attn_logit_softcap is None
+            and attention.cudnn_packed_api() is not None
+        ),
         "rows_per_micro_batch": rows,
         "tokens_per_micro_batch": rows * row_length,
         "tokens_per_step": tokens,

@@ -187,12 +187,13 @@ class Attention(nn.Module):
             # padding and every token sees itself, so no softmax row is empty (no NaN).
             mask_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
             if c.sliding_window is not None:
-                # transformers' sliding window: key index > query index - window. `window` is
-                # traced under scan (alternating layers share one compiled body); 0 = a
-                # full-attention layer.
-                index_T = jnp.arange(x_BxTxD.shape[1])
-                distance_TxS = index_T[:, None] - index_T[None, :]
-                mask_Bx1xTxS &= (window <= 0) | (distance_TxS < window)
+                # transformers' sliding window: key position > query position - window.
+                # Measured by position, not row index: a prefix-shared rejected reply sits a
+                # whole chosen reply after the prompt it continues (within a segment the two
+                # agree otherwise). `window` is traced under scan (alternating layers share
+                # one compiled body); 0 = a full-attention layer.
+                distance_Bx1xTxS = positions_BxT[:, None, :, None] - positions_BxT[:, None, None, :]
+                mask_Bx1xTxS &= (window <= 0) | (distance_Bx1xTxS < window)
             if branch_ids_BxT is not None:
                 key_branch_Bx1x1xS = branch_ids_BxT[:, None, None, :]
                 mask_Bx1xTxS &= (key_branch_Bx1x1xS == 0) | (

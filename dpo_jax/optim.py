@@ -141,9 +141,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     parts = []
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts += [
-        scale_by_adam(cfg.b1, cfg.b2, cfg.eps, cfg.state_dtype),
-        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.scale_by_learning_rate(schedule),
-    ]
+    # Nested as optax.adamw nests it, so the optimizer state keeps the tree of checkpoints
+    # written with optax.adamw.
+    parts.append(
+        optax.chain(
+            scale_by_adam(cfg.b1, cfg.b2, cfg.eps, cfg.state_dtype),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    )
     return optax.chain(*parts)

@@ -49,7 +49,8 @@ def _leaf_hashes(x: jax.Array) -> jax.Array:
 
 
 def params_fingerprint(params, mesh) -> str:
-    """A hex digest of every parameter's name, shape, dtype and exact values."""
+    """A hex digest of every parameter's name, shape and dtype, and a 64-bit hash of its
+    exact values."""
     named = jax.tree_util.tree_leaves_with_path(params)
     sums = jax.jit(
         lambda leaves: jnp.stack([_leaf_hashes(x) for x in leaves]),
@@ -66,8 +67,9 @@ def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
     digest = hashlib.sha256(str(len(pairs)).encode())
     for pair in pairs:
         for ids in (pair.prompt, pair.chosen, pair.rejected):
-            digest.update(np.asarray(ids, np.int32).tobytes())
-            digest.update(b"|")
+            ids = np.asarray(ids, np.int32)
+            digest.update(np.int64(len(ids)).tobytes())  # boundaries are part of the key
+            digest.update(ids.tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -155,10 +157,14 @@ def precompute_tables(
                     f"reference log-probs of {name} are not finite: check the model weights "
                     "and model.dtype"
                 )
-            path = save_table(cache_dir, key, table)
+            seconds = time.perf_counter() - started
+            try:
+                where = f"→ {save_table(cache_dir, key, table)}"
+            except OSError as error:  # the table is in memory: training goes on
+                where = f"(not cached: {error})"
             log(
                 f"reference log-probs of {name}: {len(pairs)} pairs computed in "
-                f"{time.perf_counter() - started:.1f} s → {path}"
+                f"{seconds:.1f} s {where}"
             )
         tables[name] = table
     return tables

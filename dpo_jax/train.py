@@ -204,7 +204,9 @@ def make_sampler(config, workdir, model_config, tokenizer, data_config):
     )
 
 
-def check_memory(config, model_config, optimizer, shardings, mesh, reference_on_device) -> None:
+def check_memory(
+    config, model_config, optimizer, shardings, mesh, reference_on_device, rows, row_length
+) -> None:
     """Prints the per-device memory estimate; on an accelerator, stops before compiling
     when it cannot fit, naming the knobs that would make it fit."""
 
@@ -219,15 +221,15 @@ def check_memory(config, model_config, optimizer, shardings, mesh, reference_on_
         jax.eval_shape(unboxed_state),
         shardings,
     )
-    t = config.training
-    rows_per_device = 2 * t.batch_size // t.gradient_accumulation_steps
-    rows_per_device //= sharding.data_parallel_size(mesh)
+    # Rows of one micro-batch as the iterator builds them (packed rows may be set apart
+    # from the batch size; prefix-shared ones are twice as long).
+    rows_per_device = max(1, rows // sharding.data_parallel_size(mesh))
     parts = memory.estimate(
         abstract,
         abstract.params if reference_on_device else None,
         model_config,
-        tokens_per_device=rows_per_device * config.data.max_seq_length,
-        row_length=config.data.max_seq_length,
+        tokens_per_device=rows_per_device * row_length,
+        row_length=row_length,
         logits_chunk_size=int(config.model.logits_chunk_size),
     )
     if jax.process_index() == 0:
@@ -241,12 +243,11 @@ def copy_params(params, shardings):
 
 
 def reference_cache_dir(config, workdir: str) -> str:
-    """Reference tables live beside the tokenization cache (shared by runs on the same data
-    and model), or in the workdir when data.cache_dir is "none"."""
+    """Reference tables live in the tokenization cache (shared by runs on the same data and
+    model), or in the workdir when data.cache_dir is "none"."""
     if config.data.cache_dir == "none":
         return os.path.join(workdir, "reference_logps")
-    root = config.data.cache_dir or data_cache.default_cache_dir()
-    return os.path.join(os.path.dirname(os.path.abspath(root)), "reference_logps")
+    return os.path.join(config.data.cache_dir or data_cache.default_cache_dir(), "reference_logps")
 
 
 def precompute_reference(
@@ -425,7 +426,16 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     shardings = state_shardings(model_config, optimizer, mesh, rules)
     precompute = loss_config.needs_reference and bool(t.precompute_ref_log_probs)
     reference_on_device = loss_config.needs_reference and not precompute
-    check_memory(config, model_config, optimizer, shardings, mesh, reference_on_device)
+    check_memory(
+        config,
+        model_config,
+        optimizer,
+        shardings,
+        mesh,
+        reference_on_device,
+        iterator.rows,
+        iterator.pack_length,
+    )
     state = init_state(config, model_config, optimizer, shardings)
     # Reference = the initial policy (also on resume: the checkpoint is restored below).
     # Either frozen copies of its weights (never donated, never in the optimizer), or its

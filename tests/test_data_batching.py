@@ -62,14 +62,20 @@ def test_packed_batch_holds_the_same_sequences():
         data.packed_batch(pairs, 3, num_rows=1, row_length=24, pad_id=0)
 
 
-def test_packed_and_padded_give_the_same_loss():
-    """The same pairs through the real eval step: padded rows vs packed rows (within 1e-5)."""
+@pytest.mark.parametrize("sliding_window", [None, 5], ids=["full", "window5"])
+def test_packed_and_padded_give_the_same_loss(sliding_window):
+    """The same pairs through the real eval step: padded rows, packed rows and prefix-shared
+    rows (within 1e-5); also with a sliding window shorter than the pairs, measured by
+    position (a shared rejected reply sits a chosen reply after its prompt in the row)."""
+    import dataclasses
+
     from conftest import load_config
 
     from dpo_jax import model, step, train
 
     config = load_config("tiny")
     model_config = train.model_config_from(config)
+    model_config = dataclasses.replace(model_config, sliding_window=sliding_window)
     # Any weights do: random ones of the right shapes (no init compile), policy != reference.
     shapes = jax.eval_shape(functools.partial(model.init_params, model_config), jax.random.key(0))
     leaves, tree = jax.tree.flatten(nn.meta.unbox(shapes))

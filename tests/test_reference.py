@@ -57,8 +57,8 @@ def test_precomputed_reference_trains_like_the_reference_forward(
     for a, b in zip(expected, got, strict=True):
         assert_rows_close(a, b)
 
-    # Beside the tokenization cache: DIR/data → DIR/reference_logps.
-    tables = sorted(glob.glob(str(tmp_path / "cache" / "reference_logps" / "*.npy")))
+    # Inside the tokenization cache: data.cache_dir/reference_logps.
+    tables = sorted(glob.glob(str(tmp_path / "cache" / "data" / "reference_logps" / "*.npy")))
     assert len(tables) == 2  # training data and validation data
     sizes = sorted(np.load(path).shape[0] for path in tables)
     assert sizes == [16, 3000]

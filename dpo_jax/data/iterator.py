@@ -216,6 +216,8 @@ class PairIterator:
             ).encode()
         )
         h.update(self.chosen_lengths.tobytes() + self.rejected_lengths.tobytes())
+        if self.prefix_sharing:  # its plans follow the group lengths (prompt counted once)
+            h.update(self.group_lengths.tobytes())
         return h.hexdigest()[:16]
 
     def state(self) -> dict:
