@@ -108,6 +108,24 @@ def check_batch_rows(num_rows: int, mesh: Mesh, what: str) -> None:
         )
 
 
+def check_rows_process_major(mesh: Mesh, num_rows: int, process_count: int | None = None) -> None:
+    """Process p's rows must be the p-th contiguous block of the global rows. Prefix-shared
+    batches rely on it: their extra_index points into the rows of all processes (the other
+    arrays do not care where a process's rows land)."""
+    process_count = process_count or jax.process_count()
+    size = num_rows // process_count
+    indices = batch_sharding(mesh, 2, 0).devices_indices_map((num_rows, 1))
+    for device, (rows, _) in indices.items():
+        start, stop, _ = rows.indices(num_rows)
+        block = device.process_index
+        if not block * size <= start < stop <= (block + 1) * size:
+            raise MeshError(
+                f"data.prefix_sharing: process {block}'s device {device.id} holds rows "
+                f"{start}..{stop - 1}, outside its block {block * size}..{(block + 1) * size - 1}; "
+                "order the mesh's devices by process (the default device order does)"
+            )
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, row_axis: int) -> dict[str, jax.Array]:
     """This process's rows of a host batch → global jax.Arrays.
 

@@ -407,6 +407,8 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     iterator, eval_sets = built.train, built.evals
     # Packed rows per micro-batch may be set apart from the batch size (data.packed_rows).
     sharding.check_batch_rows(iterator.rows, mesh, "rows per micro-batch (data.packed_rows)")
+    if iterator.prefix_sharing:
+        sharding.check_rows_process_major(mesh, iterator.rows)
     total_steps = t.max_steps if t.max_steps > 0 else iterator.total_steps(t.num_epochs)
     data_report = built.report | {"total_steps": total_steps}
     if jax.process_index() == 0:

@@ -168,3 +168,26 @@ def test_segment_bound_reaches_the_model_only_for_plain_packing():
     assert bound() is None
     with pytest.raises(train.ConfigError, match="data.max_segments_per_row=1"):
         bound(**packed | {"data.max_segments_per_row": 1})
+
+
+def test_prefix_shared_rows_must_be_process_major(monkeypatch):
+    """extra_index points into the rows of all processes: process p's devices must hold the
+    p-th block of rows. With the 8 devices taken as 2 processes of 4, the default device
+    order passes and the reversed order fails."""
+
+    class OfTwoProcesses:  # a device of process id // 4
+        def __init__(self, device):
+            self.id, self.process_index = device.id, device.id // 4
+
+    real_map = jax.sharding.NamedSharding.devices_indices_map
+
+    def two_process_map(self, shape):
+        return {OfTwoProcesses(d): index for d, index in real_map(self, shape).items()}
+
+    monkeypatch.setattr(jax.sharding.NamedSharding, "devices_indices_map", two_process_map)
+    forward = sharding.make_mesh(1, 8, 1)
+    sharding.check_rows_process_major(forward, 16, process_count=2)
+    devices = np.array(jax.devices()[::-1]).reshape(1, 8, 1)
+    backward = jax.sharding.Mesh(devices, forward.axis_names)
+    with pytest.raises(sharding.MeshError, match="prefix_sharing: process 1"):
+        sharding.check_rows_process_major(backward, 16, process_count=2)
