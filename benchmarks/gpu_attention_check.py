@@ -93,7 +93,9 @@ def make_batches(size: str, seed: int = 0):
         index[0].extend([row] * len(tokens))
         index[1].extend(range(start, end))
 
-    packed, padded = blank(b), blank(len(spans))
+    # One more row in each that stays all padding: training has them (filler pairs of the
+    # last eval batch, spare packed rows), and a kernel must take a zero-length row.
+    packed, padded = blank(b + 1), blank(len(spans) + 1)
     packed_index, padded_index = ([], []), ([], [])
     for j, (row, start, length) in enumerate(spans):
         tokens = packed[0][row, start : start + length].copy()
@@ -101,7 +103,7 @@ def make_batches(size: str, seed: int = 0):
         place(packed, packed_index, row, start, tokens, segment)
         place(padded, padded_index, j, 0, tokens, 1)
     as_arrays = lambda index: tuple(np.asarray(x) for x in index)
-    counts = [[r for r, _, _ in spans].count(row) for row in range(b)]
+    counts = [[r for r, _, _ in spans].count(row) for row in range(b + 1)]
     return packed, padded, as_arrays(packed_index), as_arrays(padded_index), counts
 
 
