@@ -36,6 +36,18 @@ def softcap_attention(
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
+def zeroed_outside(valid_BxT, kernel, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+    """kernel(q, k, v) with zeros selected at invalid tokens on the way in and out.
+
+    What a kernel leaves at tokens outside every sequence (outputs, and dq/dk/dv in the
+    backward pass) is its own business: JAX's XLA path zeroes them, a fused kernel need not.
+    Selecting zeros keeps it from ever reaching a real token or a parameter gradient (a
+    select's gradient drops the unselected side, NaN included); a fused elementwise pass."""
+    valid_BxTx1x1 = valid_BxT[:, :, None, None]
+    zero = lambda x: jnp.where(valid_BxTx1x1, x, jnp.zeros((), x.dtype))  # noqa: E731
+    return zero(kernel(zero(q_BxTxNxH), zero(k_BxTxKxH), zero(v_BxTxKxH)))
+
+
 def padded_rows_attention(
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, scale, implementation
 ):
@@ -43,24 +55,17 @@ def padded_rows_attention(
     only on trailing padding), told to the kernel as sequence lengths rather than a mask:
     cuDNN runs lengths inside its flash kernel (PADDING_CAUSAL) but any [B, 1, T, S] mask
     only as a dense bias, which is much slower."""
-    valid_BxTx1x1 = (segment_ids_BxT != 0)[:, :, None, None]
-    lengths_B = jnp.sum(segment_ids_BxT != 0, axis=1, dtype=jnp.int32)
-    # What a kernel leaves at padded positions (outputs, and dq/dk/dv in the backward pass) is
-    # its own business: JAX's XLA path zeroes them, a fused kernel need not. Selecting zeros
-    # on the way in and out keeps it from ever reaching a real token or a parameter gradient
-    # (a select's gradient drops the unselected side, NaN included); a fused elementwise pass.
-    zero_padding = lambda x: jnp.where(valid_BxTx1x1, x, jnp.zeros((), x.dtype))
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        zero_padding(q_BxTxNxH),
-        zero_padding(k_BxTxKxH),
-        zero_padding(v_BxTxKxH),
+    valid_BxT = segment_ids_BxT != 0
+    lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
+    kernel = functools.partial(
+        jax.nn.dot_product_attention,
         scale=scale,
         is_causal=True,
         query_seq_lengths=lengths_B,
         key_value_seq_lengths=lengths_B,
         implementation=implementation,
     )
-    return zero_padding(out_BxTxNxH)
+    return zeroed_outside(valid_BxT, kernel, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
 
 
 def packed_segments(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -141,19 +146,14 @@ def packed_rows_attention(
     mask would run as a dense bias."""
     fa, native_gqa = api
     offsets_BxM1, lengths_BxM = packed_segments(segment_ids_BxT, max_segments)
+    # The kernel writes no output and no dq/dk/dv for tokens outside every segment.
     valid_BxT = (segment_ids_BxT > 0) & (segment_ids_BxT <= max_segments)
-    # As in padded_rows_attention: the kernel writes no output and no dq/dk/dv for tokens
-    # outside every segment; selecting zeros on the way in and out keeps whatever is there
-    # from reaching a real token or a parameter gradient.
-    zero_padding = lambda x: jnp.where(valid_BxT[:, :, None, None], x, jnp.zeros((), x.dtype))
     n, k = q_BxTxNxH.shape[2], k_BxTxKxH.shape[2]
     if not native_gqa and k != n:  # query head i reads kv head i // G, as in the mask path
         k_BxTxKxH = jnp.repeat(k_BxTxKxH, n // k, axis=2)
         v_BxTxKxH = jnp.repeat(v_BxTxKxH, n // k, axis=2)
-    out_BxTxNxH = fa.dot_product_attention(
-        zero_padding(q_BxTxNxH),
-        zero_padding(k_BxTxKxH),
-        zero_padding(v_BxTxKxH),
+    kernel = functools.partial(
+        fa.dot_product_attention,
         q_seqlen=lengths_BxM,
         kv_seqlen=lengths_BxM,
         q_offsets=offsets_BxM1,
@@ -162,7 +162,7 @@ def packed_rows_attention(
         mask_type=fa.MaskType.PADDING_CAUSAL,
         qkv_layout="BTNH",
     )
-    return zero_padding(out_BxTxNxH)
+    return zeroed_outside(valid_BxT, kernel, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
 
 
 def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, config, *, is_causal, impl):

@@ -28,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dpo_jax import attention, data, hf, memory, model, optim, sharding, throughput, train
-from dpo_jax.data.batching import pack_step, pair_parts
+from dpo_jax.data.batching import pack_step, packed_row_length, pair_parts
 from dpo_jax.step import LossConfig, train_step
 
 config_flags.DEFINE_config_file("config", None, "configs/bench.py[:preset]", lock_config=True)
@@ -221,9 +221,9 @@ def rows_needed(pairs: list, row_length: int, shared: bool = False) -> int:
 
 
 def row_length_of(config) -> int:
-    """Packed prefix-shared rows are twice data.max_seq_length (as in training)."""
-    shared = config.bench.packing and config.bench.prefix_sharing
-    return 2 * config.data.max_seq_length if shared else config.data.max_seq_length
+    """Row length of the built batches, by the trainer's rule."""
+    shared = bool(config.bench.packing and config.bench.prefix_sharing)
+    return packed_row_length(config.data.max_seq_length, shared)
 
 
 def packed_rows(config, steps: list, data_parallel: int) -> int:

@@ -534,18 +534,18 @@ def train(config, workdir: str, devices=None) -> TrainResult:
     window = np.zeros(3)  # real tokens, pairs, model FLOPs since the last log line
     window_start = time.perf_counter()
     peak, _ = throughput.peak_flops(mesh.devices.flat[0])
-    with_reference_forward = reference_on_device
 
     def prepare(host_batch):
         # Only this process's rows are here; the slices of all processes are of equal size,
-        # so the step's totals are estimated as process_count times this process's.
-        totals = jax.process_count() * np.array(
+        # so tokens and FLOPs of the step are estimated as process_count times this
+        # process's. Pair-level arrays (pair_mask) are whole on every process.
+        rows = jax.process_count() * np.array(
             [
                 throughput.batch_tokens(host_batch),
-                np.count_nonzero(host_batch["pair_mask"]) / jax.process_count(),
-                throughput.batch_flops(model_config, host_batch, with_reference_forward),
+                throughput.batch_flops(model_config, host_batch, reference_on_device),
             ]
         )
+        totals = np.array([rows[0], np.count_nonzero(host_batch["pair_mask"]), rows[1]])
         return sharding.put_batch(host_batch, mesh, row_axis=1), totals
 
     def flush(pending):

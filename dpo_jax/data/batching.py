@@ -268,8 +268,16 @@ def pair_parts(
     """Row tokens of each pair's parts, as pack_step takes them: its chosen and rejected
     sequences, or (prefix sharing) one [prompt | chosen | rejected] group and None."""
     if prefix_sharing:
-        return np.array([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]), None
-    return np.array([p.lengths[0] for p in pairs]), np.array([p.lengths[1] for p in pairs])
+        groups = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
+        return np.array(groups, np.int64), None
+    chosen, rejected = ([p.lengths[side] for p in pairs] for side in (0, 1))
+    return np.array(chosen, np.int64), np.array(rejected, np.int64)
+
+
+def packed_row_length(max_seq_length: int, prefix_sharing: bool) -> int:
+    """Packed rows: max_seq_length, or twice that for prefix-shared groups (a group holds up
+    to two sequences of max_seq_length less one prompt)."""
+    return 2 * max_seq_length if prefix_sharing else max_seq_length
 
 
 def packed_batch(

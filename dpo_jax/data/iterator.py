@@ -22,7 +22,9 @@ from .batching import (
     fill_packed,
     fill_shared,
     pack_step,
+    packed_row_length,
     padded_batch,
+    pair_parts,
     process_rows,
     reference_columns,
     stack_batches,
@@ -80,12 +82,12 @@ class PairIterator:
         self.row_length, self.pad_id = row_length, pad_id
         self.buckets = tuple(buckets) or (row_length,)
         self.packing = packing
-        # Prefix sharing: each pair is one [prompt | chosen | rejected] group in rows twice
-        # as long (a group holds up to two sequences of row_length minus one prompt).
+        # Prefix sharing: each pair is one [prompt | chosen | rejected] group, in rows twice
+        # as long.
         self.prefix_sharing = prefix_sharing
         if prefix_sharing and not packing:
             raise DataError("config data.prefix_sharing=True needs data.packing=True")
-        self.pack_length = 2 * row_length if prefix_sharing else row_length
+        self.pack_length = packed_row_length(row_length, prefix_sharing)
         self.max_segments_per_row = max_segments_per_row  # 0 = as many as fit
         self.process_index, self.process_count = process_index, process_count
         # (size, weight) per source, in the order the sources are concatenated in `pairs`.
@@ -97,11 +99,8 @@ class PairIterator:
             if self.sources
             else [len(pairs)]
         )
-        self.chosen_lengths = np.array([len(p.prompt) + len(p.chosen) for p in pairs], np.int64)
-        self.rejected_lengths = np.array([len(p.prompt) + len(p.rejected) for p in pairs], np.int64)
-        self.group_lengths = np.array(
-            [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs], np.int64
-        )
+        self.chosen_lengths, self.rejected_lengths = pair_parts(pairs)
+        self.group_lengths, _ = pair_parts(pairs, prefix_sharing=True)
         micro = batch_size // accumulation_steps
         if packing:
             # The same tokens per micro-batch with or without prefix sharing by default.
