@@ -62,6 +62,37 @@ def small_validation(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def small_train(tmp_path_factory):
+    """The first 64 training pairs: enough for 6 steps of 8, and a reference precompute that
+    takes seconds rather than minutes (multi-process tests run it in every process)."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    from dpo_jax import embedded
+
+    with open(embedded.TRAIN_FILE) as src:
+        path.write_text("".join(src.readlines()[:SMALL_TRAIN_PAIRS]))
+    return str(path)
+
+
+SMALL_TRAIN_PAIRS = 64
+
+
+def free_port() -> int:
+    """A localhost port nobody listens on now (the coordinator's; a random one can clash)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def adam_step_bound(b1: float, b2: float, t: int) -> float:
+    """The largest |m̂_t / √v̂_t| any gradient sequence can give Adam at step t (Cauchy–Schwarz
+    over the moments' sums): no element moves more than lr_t times this in one step."""
+    ratio = (1 - b1) / (1 - b1**t) * math.sqrt((1 - b2**t) / (1 - b2))
+    return ratio * math.sqrt(sum((b1 * b1 / b2) ** k for k in range(t)))
+
+
 def fast_config(small_validation, **overrides):
     return load_config("tiny", **(FAST | {"data.validation_file": small_validation} | overrides))
 
