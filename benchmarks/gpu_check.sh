@@ -20,7 +20,7 @@
 #   c_trl   "c" through TRL (--param_dtype float32: fp32 master and AdamW, bf16 autocast)
 #   e_jax   "a" with remat dots_saveable (against a_jax's none)
 #   f_jax   "b" with prefix sharing (each pair's prompt computed once; mask attention)
-#   g_jax   "b" with cuDNN's packed segment layout (bench.max_segments_per_row=-1) instead of
+#   g_jax   "b" with cuDNN's packed segment layout (data.max_segments_per_row=16) instead of
 #           the mask as a bias; benchmarks/gpu_attention_check.py checks its numbers first
 #   b16_jax, b16_trl   "b" at 16 pairs per step (packing gains more with more pairs)
 #
@@ -109,7 +109,7 @@ command_of() {  # run name -> command line (its flags are meant to split)
     a_jax) ours "$PRESET" ;;
     a_trl) trl ;;
     b_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
-      --config.bench.packing=True ;;
+      --config.data.packing=True ;;
     b_trl) trl --lengths hh --pairs_per_step 8 ;;
     c_jax) ours "$PRESET" "$FP32" ;;
     c_trl) trl --param_dtype float32 ;;
@@ -117,12 +117,12 @@ command_of() {  # run name -> command line (its flags are meant to split)
       --config.model.remat_policy=full ;;
     e_jax) ours "$PRESET" --config.model.remat_policy=dots_saveable ;;
     f_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
-      --config.bench.packing=True --config.bench.prefix_sharing=True ;;
+      --config.data.packing=True --config.data.prefix_sharing=True ;;
     b16_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=16 \
-      --config.bench.packing=True ;;
+      --config.data.packing=True ;;
     b16_trl) trl --lengths hh --pairs_per_step 16 ;;
     g_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
-      --config.bench.packing=True --config.bench.max_segments_per_row=-1 ;;
+      --config.data.packing=True --config.data.max_segments_per_row=16 ;;
     *) return 1 ;;
   esac
 }

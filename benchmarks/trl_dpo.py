@@ -251,7 +251,7 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     micro = args.pairs_per_step // args.gradient_accumulation_steps
     num_steps = 1 + args.warmup_steps + args.steps
-    workload = workload_config(args)
+    workload = bench.workload(workload_config(args))
     ours = bench.model_config_for(workload)
 
     started = time.perf_counter()

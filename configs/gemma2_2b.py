@@ -13,21 +13,15 @@ Export any checkpoint (the run also writes runs/gemma2_2b/hf/ at the end):
     python -m dpo_jax.export --workdir runs/gemma2_2b --out runs/gemma2_2b/hf-step-N --step N
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "hf_dpo_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_dpo_base.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from dpo_jax.schema import default_config, with_overrides
 
 
 def get_config():
-    return _base.with_overrides(
+    return with_overrides(
+        default_config(),
         {
             "model.attention_impl": "xla",  # Gemma 2's soft-capped attention is its own einsum path
             "model.name": "google/gemma-2-2b-it",  # HF hub id or local folder
             "training.learning_rate": 5e-07,  # peak
-        }
+        },
     )

@@ -14,23 +14,17 @@ Export any checkpoint (the run also writes runs/llama3_1_8b/hf/ at the end):
     python -m dpo_jax.export --workdir runs/llama3_1_8b --out runs/llama3_1_8b/hf-step-N --step N
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "hf_dpo_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_dpo_base.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from dpo_jax.schema import default_config, with_overrides
 
 
 def get_config():
-    return _base.with_overrides(
+    return with_overrides(
+        default_config(),
         {
             "model.name": "meta-llama/Llama-3.1-8B-Instruct",  # HF hub id or local folder
             "model.remat_policy": "full",  # none | dots_saveable | full
             "training.precompute_ref_log_probs": True,
             "training.gradient_accumulation_steps": 4,  # 8 GPUs x 4 rows per micro-batch
             "training.learning_rate": 5e-07,  # peak
-        }
+        },
     )

@@ -11,22 +11,16 @@ Export any checkpoint (the run also writes runs/mistral_7b/hf/ at the end):
     python -m dpo_jax.export --workdir runs/mistral_7b --out runs/mistral_7b/hf-step-N --step N
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "hf_dpo_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_dpo_base.py")
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from dpo_jax.schema import default_config, with_overrides
 
 
 def get_config():
-    return _base.with_overrides(
+    return with_overrides(
+        default_config(),
         {
             "model.name": "mistralai/Mistral-7B-Instruct-v0.3",  # HF hub id or local folder
             "model.remat_policy": "full",  # none | dots_saveable | full
             "training.gradient_accumulation_steps": 4,  # 8 GPUs x 4 rows per micro-batch
             "training.learning_rate": 5e-07,  # peak
-        }
+        },
     )

@@ -3,124 +3,72 @@
     python -m dpo_jax.train --config configs/tiny.py --workdir runs/tiny
 
 Data, tokenizer and model config ship inside the package (dpo_jax/embedded), so this runs
-offline in a few minutes on a laptop CPU.
+offline in a few minutes on a laptop CPU. Every key, with its meaning, is in
+dpo_jax/schema.py (`default_config`); this file sets what differs for the tiny model.
+
+    python scripts/make_tiny_sft.py    # configs/tiny.py:sft, the run that made its weights
 """
 
-import ml_collections
-
 from dpo_jax import embedded
-from dpo_jax.sharding import DEFAULT_RULES
+from dpo_jax.schema import default_config, with_overrides
+
+TINY = {
+    "model.name": embedded.TINY_MODEL_DIR,  # local Hugging Face folder (config.json, tokenizer)
+    "model.max_length": 128,
+    "model.dtype": "float32",  # CPU: no bf16 speed-up, and exact tests
+    "model.attention_impl": "xla",
+    "model.remat_policy": "none",
+    "model.logits_chunk_size": 4096,
+    "data.train_file": embedded.TRAIN_FILE,  # 3,000 polite / rude pairs
+    "data.validation_file": embedded.VALIDATION_FILE,  # 300 pairs on prompts never trained on
+    "data.max_seq_length": 80,
+    "data.max_prompt_length": 48,
+    "training.batch_size": 32,
+    "training.gradient_accumulation_steps": 1,
+    "training.learning_rate": 3e-4,  # a tiny model tolerates more than the usual 1e-6..5e-5
+    "training.warmup_steps": 10,
+    "training.min_lr_ratio": 0.1,
+    "training.adam_b2": 0.95,
+    "training.sft_loss_weight": 1.0,  # + NLL of the chosen reply (RPO): keeps its likelihood up
+    "training.gradient_checkpointing": False,
+    "checkpoint.every_steps": 25,
+    "checkpoint.export_dtype": "float32",
+    "logging.every_steps": 5,
+    "eval.every_steps": 25,
+    "eval.batch_size": 32,
+    # Replies to the 141 held-out prompts, scored by the rule-based courtesy checker.
+    "eval.sample_prompts_file": embedded.VALIDATION_PROMPTS_FILE,
+    "eval.num_sample_prompts": -1,
+    "eval.sample_max_new_tokens": 64,
+    "eval.sample_temperature": 1.0,
+    "eval.sample_top_p": 0.9,  # drops the tiny model's noisy tail
+    "eval.sample_checker": "courtesy",
+}
+
+# Supervised fine-tuning from random weights on data that imitates the polite and the rude
+# side of each pair 50/50 (scripts/make_tiny_sft.py writes it and sets the files), so the
+# resulting model is courteous about half of the time: loss "sft", no reference.
+SFT = {
+    "model.init": "random",
+    "data.train_file": "",
+    "data.validation_file": "",
+    "training.loss_type": "sft",
+    "training.reference_free": True,
+    "training.learning_rate": 3e-3,
+    "training.warmup_steps": 30,
+    "training.num_epochs": 4,
+    "training.min_lr_ratio": 0.05,
+    "training.weight_decay": 0.01,
+    "checkpoint.every_steps": 100,
+    "eval.every_steps": 100,
+    "logging.every_steps": 20,
+    "logging.report": False,
+}
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = embedded.TINY_MODEL_DIR  # local Hugging Face folder (config.json, tokenizer)
-    c.model.init = "pretrained"  # weights of model.name ("random": fresh, from training.seed)
-    c.model.max_length = 128  # longest sequence the model is run on
-    c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU)
-    c.model.param_dtype = "float32"  # master weights
-    c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation ("cudnn" on GPU)
-    c.model.remat_policy = "none"  # none | dots_saveable | full
-    c.model.logits_chunk_size = 4096  # vocabulary chunk of the log-prob (bounds logits memory)
-
-    c.data = ml_collections.ConfigDict()
-    c.data.train_file = embedded.TRAIN_FILE  # .jsonl / .json of {"prompt","chosen","rejected"}
-    c.data.validation_file = embedded.VALIDATION_FILE  # held-out pairs ("" = none)
-    c.data.tokenizer = ""  # "" = the tokenizer in model.name
-    c.data.max_seq_length = 80  # prompt + completion tokens per sequence (row length)
-    c.data.max_prompt_length = 48  # prompts keep their last this-many tokens (0 = no limit)
-    c.data.apply_chat_template = True  # render prompts as a user turn of the chat template
-    c.data.validation_files = ""  # more named eval sets: "name=path,name2=path2" -> eval/<name>/...
-    c.data.train_weights = ""  # mixture weights, one per train_file source ("" = concatenate)
-    c.data.format = "auto"  # auto | explicit | conversational | implicit | ranked | hh
-    c.data.fields = ""  # field-name mapping, e.g. "prompt=question,chosen=good,rejected=bad"
-    c.data.roles = ""  # role-name mapping, e.g. "human=user,gpt=assistant"
-    c.data.system_prompt = ""  # prepended as a system turn when the data has none
-    c.data.ranked_pairs = "best_worst"  # ranked completions -> pairs
-    c.data.ranked_ties = "error"  # error | skip: never a pair with equal ranks
-    c.data.truncation = "truncate"  # truncate | drop: what to do with over-long pairs
-    c.data.on_error = "raise"  # raise: stop at the first bad record; skip: count and go on
-    c.data.packing = False  # pack whole pairs into rows (segment ids) instead of padding
-    c.data.packed_rows = 0  # rows per micro-batch when packing (0 = automatic)
-    c.data.packed_pairs = 0  # pair slots per micro-batch when packing (0 = automatic)
-    # Packed pairs as [prompt | chosen | rejected] with the prompt computed once (rows of
-    # 2 x max_seq_length; needs data.packing). Saves the prompt's second pass.
-    c.data.prefix_sharing = False
-    # With packing: sequences per row at most (0 = as many as fit). On cuDNN (Hopper,
-    # cuDNN >= 9.6) a bound >= 2 sends packed rows to the flash kernel as segments
-    # instead of a dense mask bias; its softmax statistics grow with the bound (8-16).
-    c.data.max_segments_per_row = 0
-    c.data.bucket_lengths = ""  # padded row lengths: "" = max_seq_length, "auto", "128,256"
-    c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
-    c.data.num_proc = 0  # tokenization workers (0 = automatic)
-    c.data.cache_dir = ""  # tokenization cache ("" = default under ~/.cache, "none" = off)
-    c.data.prefetch = 2  # batches built and placed on the device ahead of the step (0 = off)
-
-    c.training = ml_collections.ConfigDict()
-    c.training.batch_size = 32  # pairs per optimizer step (all devices, all micro-batches)
-    c.training.gradient_accumulation_steps = 1  # micro-batches per step
-    c.training.learning_rate = 3e-4  # peak; a tiny model tolerates more than the usual 1e-6..5e-5
-    c.training.num_epochs = 1
-    c.training.max_steps = -1  # > 0 overrides num_epochs
-    c.training.warmup_steps = 10
-    c.training.lr_schedule = "cosine"  # cosine | linear | constant, after warmup
-    c.training.min_lr_ratio = 0.1
-    c.training.weight_decay = 0.0
-    c.training.max_grad_norm = 1.0
-    c.training.adam_b1 = 0.9
-    c.training.adam_b2 = 0.95
-    c.training.adam_eps = 1e-8
-    c.training.optimizer_state_dtype = "float32"  # Adam moments: float32 | bfloat16
-    c.training.seed = 0  # init and data order
-    c.training.beta = 0.1  # DPO temperature: larger = stay closer to the reference
-    c.training.loss_type = "sigmoid"  # a name or "a,b" / a list; see dpo_jax.losses.LOSSES
-    c.training.loss_weights = ""  # one per loss_type ("" = all 1.0)
-    c.training.label_smoothing = 0.0  # cDPO / robust / exo_pair
-    c.training.reference_free = False  # reference log-probs ≡ 0
-    # Reference log-probs computed once before training (cached on disk) instead of a
-    # reference forward in every step: 25% fewer FLOPs, no reference weights on device.
-    c.training.precompute_ref_log_probs = False
-    c.training.preference_average_log_probs = False  # length-normalise the preference logps
-    c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
-    c.training.preference_loss_weight = 1.0
-    c.training.sft_loss_weight = 1.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
-    c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})
-    c.training.gradient_checkpointing = False  # True = remat the layers (less memory)
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1  # pure data parallelism
-    c.mesh.fsdp = -1  # parameter + data sharding (-1 = the remaining devices)
-    c.mesh.tensor = 1  # Megatron-style heads / mlp split
-    c.mesh.rules = DEFAULT_RULES  # logical parameter axis → mesh axis
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 25
-    c.checkpoint.max_to_keep = 2
-    c.checkpoint.async_save = True
-    c.checkpoint.export_hf = True  # write DIR/hf/ (Hugging Face format) at the end
-    c.checkpoint.export_dtype = "float32"  # dtype of the exported weights
-
-    c.logging = ml_collections.ConfigDict()
-    c.logging.every_steps = 5
-    c.logging.tensorboard = True  # DIR/tensorboard event files
-    c.logging.wandb = False  # also Weights & Biases, when wandb is installed
-    c.logging.wandb_project = "dpo_jax"
-    c.logging.report = True  # DIR/report.html + DIR/plots/*.png at the end
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 25  # 0 = only at the end
-    c.eval.batch_size = 32  # pairs per eval batch
-    # Generated samples: replies to held-out prompts, reference next to policy, in
-    # DIR/samples.jsonl, scored by a rule-based checker into eval/samples/*_preferred_rate.
-    c.eval.sample_prompts_file = embedded.VALIDATION_PROMPTS_FILE  # "" = no samples
-    c.eval.sample_every_steps = 0  # 0 = at the end only; -1 = never
-    c.eval.num_sample_prompts = -1  # -1 = all prompts in the file
-    c.eval.sample_max_new_tokens = 64
-    c.eval.sample_temperature = 1.0  # 0 = greedy
-    c.eval.sample_top_k = 0  # 0 = off
-    c.eval.sample_top_p = 0.9  # nucleus sampling (1 = off); drops the tiny model's noisy tail
-    c.eval.sample_seed = 0
-    c.eval.sample_checker = "courtesy"  # "" = none; see dpo_jax.samples.CHECKERS
-    return c
+def get_config(variant: str = "dpo"):
+    """variant: "dpo" (the default run) or "sft" (the run that made the starting model)."""
+    if variant not in ("dpo", "sft"):
+        raise ValueError(f"configs/tiny.py:{variant}: choose dpo or sft")
+    config = with_overrides(default_config(), TINY)
+    return with_overrides(config, SFT) if variant == "sft" else config

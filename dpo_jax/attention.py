@@ -29,7 +29,7 @@ def softcap_attention(
     scores_BxKxGxTxS = softcap * jnp.tanh(scores_BxKxGxTxS * scale / softcap)
     visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
     if is_causal:
-        visible_Bx1x1xTxS &= jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))
+        visible_Bx1x1xTxS &= jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))[None, None, None]
     scores_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, scores_BxKxGxTxS, -1e30)
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
     out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
@@ -80,7 +80,7 @@ def packed_segments(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.
     start + length, so trailing padding (segment 0) lies outside every segment. Segments must
     be contiguous; ids above M are left out, like padding."""
     ids_M = jnp.arange(1, max_segments + 1, dtype=jnp.int32)
-    in_BxTxM = segment_ids_BxT[:, :, None] == ids_M
+    in_BxTxM = segment_ids_BxT[:, :, None] == ids_M[None, None, :]
     lengths_BxM = jnp.sum(in_BxTxM, axis=1, dtype=jnp.int32)
     present_BxM = lengths_BxM > 0
     starts_BxM = jnp.argmax(in_BxTxM, axis=1).astype(jnp.int32)  # first index of segment m
@@ -163,6 +163,33 @@ def packed_rows_attention(
         qkv_layout="BTNH",
     )
     return zeroed_outside(valid_BxT, kernel, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+
+
+# The attention paths of the model, chosen in one place (kernel_for).
+DECODE_MASK = "decode mask"  # one query against the KV cache: XLA with the cache mask
+PADDED_ROWS = "padded rows"  # one sequence per row from index 0: row lengths, no mask
+CUDNN_PACKED = "cudnn packed"  # packed rows as segments of cuDNN's flash kernel
+MASK = "mask"  # causal and same-segment (window, branches) mask; cuDNN takes it as a bias
+
+
+def kernel_for(config, *, decode: bool, padded_rows: bool, prefix_shared: bool) -> str:
+    """Which attention path a layer of `config` takes for these rows. Sliding windows, logit
+    soft-caps and prefix-shared branches need the explicit mask; cuDNN's packed layout
+    needs its bound on segments per row and JAX's private API (cudnn_packed_api)."""
+    if decode:
+        return DECODE_MASK
+    plain = not prefix_shared and config.sliding_window is None
+    plain = plain and config.attn_logit_softcap is None
+    if padded_rows and plain:
+        return PADDED_ROWS
+    if (
+        plain
+        and config.attention_impl == "cudnn"
+        and config.max_segments_per_row is not None
+        and cudnn_packed_api() is not None
+    ):
+        return CUDNN_PACKED
+    return MASK
 
 
 def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, config, *, is_causal, impl):

@@ -2,13 +2,15 @@
 
     python -m dpo_jax.bench --config configs/bench.py[:preset] [--config.a.b=v ...]
 
-Every step trains on `training.batch_size` fresh synthetic pairs (`synthetic_steps`, also
-what benchmarks/trl_dpo.py feeds TRL), split in order into the accumulation micro-batches.
-Each micro-batch is padded (one sequence per row of `data.max_seq_length`) or, with
-`bench.packing`, packed first-fit-decreasing into `bench.packed_rows` such rows: the same
-pairs per step either way, only the padding changes. With
-`training.precompute_ref_log_probs` the batches carry reference log-probs (`ref_logps`) and
-no reference weights exist on the device.
+The step timed is the trainer's own: the same settings path (dpo_jax.settings), loss,
+optimizer, state and jitted program (dpo_jax.step.jit_train_step); only the pairs are
+synthetic. Every step trains on `training.batch_size` fresh synthetic pairs
+(`synthetic_steps`, also what benchmarks/trl_dpo.py feeds TRL), split in order into the
+accumulation micro-batches. Each micro-batch is padded (one sequence per row of
+`data.max_seq_length`) or, with `data.packing`, packed first-fit-decreasing into
+`data.packed_rows` such rows: the same pairs per step either way, only the padding changes.
+With `training.precompute_ref_log_probs` the batches carry reference log-probs (`ref_logps`)
+and no reference weights exist on the device.
 
 Model FLOPs (dpo_jax.throughput): 6N per real token, +2N when the reference forward runs in
 the step, plus causal attention over each sequence's own length, counted from the real
@@ -18,7 +20,6 @@ sequences of the built batches; padding never counts. Prints one JSON line at th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 
@@ -27,9 +28,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import attention, data, hf, memory, model, optim, sharding, throughput, train
+from dpo_jax import attention, data, hf, memory, model, optim, settings, sharding, state, throughput
 from dpo_jax.data.batching import pack_step, packed_row_length, pair_parts
-from dpo_jax.step import LossConfig, train_step
+from dpo_jax.settings import BenchSettings, Settings
+from dpo_jax.step import jit_train_step
 
 config_flags.DEFINE_config_file("config", None, "configs/bench.py[:preset]", lock_config=True)
 
@@ -95,39 +97,48 @@ PRESETS = {
 }
 
 
-def model_config_for(config) -> model.ModelConfig:
-    runtime = dict(
-        dtype=config.model.dtype,
-        param_dtype=config.model.param_dtype,
-        attention_impl=config.model.attention_impl or None,
-        remat_policy=config.model.remat_policy,
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A benchmark run: the trainer's settings and the benchmark's own."""
+
+    s: Settings
+    b: BenchSettings
+
+    @property
+    def packing(self) -> bool:
+        return self.s.data.packing
+
+    @property
+    def prefix_sharing(self) -> bool:
+        return self.s.data.packing and self.s.data.prefix_sharing
+
+
+def workload(config) -> Workload:
+    """configs/bench.py's ConfigDict → the typed workload (every bad value: SystemExit)."""
+    try:
+        return Workload(settings.from_config(config), settings.bench_settings(config))
+    except settings.USER_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def model_config_for(w: Workload) -> model.ModelConfig:
+    """The preset's architecture with the settings' dtypes, attention, remat and segment
+    bound: tiny reads the embedded model folder (model.name), the others PRESETS."""
+    if w.b.preset == "tiny":
+        return state.model_config(w.s.model)
+    if w.b.preset not in PRESETS:
+        raise SystemExit(
+            f"config bench.preset={w.b.preset!r}: choose tiny or one of {sorted(PRESETS)}"
+        )
+    m = w.s.model
+    return hf.model_config_from_hf(
+        PRESETS[w.b.preset],
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        attention_impl=m.attention_impl,
+        remat_policy=m.remat_policy,
+        max_segments_per_row=m.max_segments_per_row,
     )
-    if config.bench.preset == "tiny":
-        from dpo_jax import embedded
-
-        return hf.read_model_config(embedded.TINY_MODEL_DIR, **runtime)
-    if config.bench.preset not in PRESETS:
-        raise SystemExit(
-            f"config bench.preset={config.bench.preset!r}: choose tiny or one of {sorted(PRESETS)}"
-        )
-    return hf.model_config_from_hf(PRESETS[config.bench.preset], **runtime)
-
-
-def packed_segments_bound(config, batches: list) -> int | None:
-    """bench.max_segments_per_row for plain packed rows (cuDNN's packed layout; ignored on
-    XLA): -1 = the most sequences any built row holds (at least 2), 0 = none (the mask)."""
-    b = config.bench
-    if not b.packing or b.prefix_sharing or b.max_segments_per_row == 0:
-        return None
-    most = max(int(batch["segment_ids"].max()) for batch in batches)
-    if b.max_segments_per_row < 0:
-        return max(2, most)
-    if b.max_segments_per_row < most or b.max_segments_per_row < 2:
-        raise SystemExit(
-            f"config bench.max_segments_per_row={b.max_segments_per_row}: packed rows hold up "
-            f"to {most} sequences; use 0 (mask), -1 (automatic) or at least {max(2, most)}"
-        )
-    return b.max_segments_per_row
 
 
 def precision(param_dtype: str, optimizer_state_dtype: str, dtype: str) -> str:
@@ -140,9 +151,9 @@ def precision(param_dtype: str, optimizer_state_dtype: str, dtype: str) -> str:
 # ------------------------------------------------------------------ synthetic pairs
 
 
-def synthetic_lengths(config, rng: np.random.Generator, count: int) -> np.ndarray:
+def synthetic_lengths(w: Workload, rng: np.random.Generator, count: int) -> np.ndarray:
     """[count, 3] prompt / chosen / rejected lengths, each pair side ≤ max_seq_length."""
-    b, max_len = config.bench, config.data.max_seq_length
+    b, max_len = w.b, w.s.data.max_seq_length
     if b.lengths == "fixed":
         if b.prompt_length + b.completion_length > max_len:
             raise SystemExit(
@@ -150,8 +161,6 @@ def synthetic_lengths(config, rng: np.random.Generator, count: int) -> np.ndarra
                 f"{b.prompt_length + b.completion_length} exceeds data.max_seq_length={max_len}"
             )
         return np.tile([b.prompt_length, b.completion_length, b.completion_length], (count, 1))
-    if b.lengths != "hh":
-        raise SystemExit(f"config bench.lengths={b.lengths!r}: choose fixed or hh")
     # Like Anthropic HH: prompt + response median ~145 tokens, p95 ~450, long tail to max.
     total = np.exp(rng.normal(np.log(145), np.log(450 / 145) / 1.645, count))
     total = np.clip(total, 16, max_len).astype(int)
@@ -162,36 +171,28 @@ def synthetic_lengths(config, rng: np.random.Generator, count: int) -> np.ndarra
 
 
 def synthetic_pairs(
-    config, vocab_size: int, rng: np.random.Generator, count: int
+    w: Workload, vocab_size: int, rng: np.random.Generator, count: int
 ) -> list[data.TokenizedPair]:
     """`count` pairs: lengths from synthetic_lengths, then token ids in [3, vocab_size)."""
     return [
         data.TokenizedPair(
             *(rng.integers(3, vocab_size, n).astype(np.int32) for n in row), source="synthetic"
         )
-        for row in synthetic_lengths(config, rng, count)
+        for row in synthetic_lengths(w, rng, count)
     ]
 
 
-def synthetic_steps(config, vocab_size: int, num_steps: int) -> list[list[data.TokenizedPair]]:
+def synthetic_steps(w: Workload, vocab_size: int, num_steps: int) -> list[list[data.TokenizedPair]]:
     """The pairs of each step, `training.batch_size` per step, from `bench.seed`: the one
     source of pairs for dpo_jax.bench and benchmarks/trl_dpo.py."""
-    rng = np.random.default_rng(config.bench.seed)
-    return [
-        synthetic_pairs(config, vocab_size, rng, config.training.batch_size)
-        for _ in range(num_steps)
-    ]
+    rng = np.random.default_rng(w.b.seed)
+    return [synthetic_pairs(w, vocab_size, rng, w.s.batch.batch_size) for _ in range(num_steps)]
 
 
-def micro_batches(config, pairs: list) -> list[list]:
+def micro_batches(w: Workload, pairs: list) -> list[list]:
     """A step's pairs in order, split into the accumulation micro-batches (as TRL's
     sequential sampler splits them)."""
-    accumulation = config.training.gradient_accumulation_steps
-    if len(pairs) % accumulation:
-        raise SystemExit(
-            f"config training.batch_size={len(pairs)} is not divisible by "
-            f"training.gradient_accumulation_steps={accumulation}"
-        )
+    accumulation = w.s.batch.accumulation_steps
     micro = len(pairs) // accumulation
     return [pairs[a * micro : (a + 1) * micro] for a in range(accumulation)]
 
@@ -199,7 +200,15 @@ def micro_batches(config, pairs: list) -> list[list]:
 # ------------------------------------------------------------------------ batches
 
 
-def rows_needed(pairs: list, row_length: int, shared: bool = False) -> int:
+def segments_cap(w: Workload) -> int:
+    """Sequences per packed row at most (0 = no bound): the trainer's rule, which the model
+    settings carry when cuDNN's packed layout may use it."""
+    return w.s.model.max_segments_per_row or 0
+
+
+def rows_needed(
+    pairs: list, row_length: int, shared: bool = False, max_segments_per_row: int = 0
+) -> int:
     """Fewest rows of `row_length` that first-fit decreasing packs these pairs into."""
     first, second = pair_parts(pairs, shared)
     total = int(first.sum() + (0 if second is None else second.sum()))
@@ -214,32 +223,34 @@ def rows_needed(pairs: list, row_length: int, shared: bool = False) -> int:
             rows=rows,
             row_length=row_length,
             pair_slots=len(pairs),
+            max_segments_per_row=max_segments_per_row,
         )
         if not left:
             return rows
         rows += 1
 
 
-def row_length_of(config) -> int:
+def row_length_of(w: Workload) -> int:
     """Row length of the built batches, by the trainer's rule."""
-    shared = bool(config.bench.packing and config.bench.prefix_sharing)
-    return packed_row_length(config.data.max_seq_length, shared)
+    return packed_row_length(w.s.data.max_seq_length, w.prefix_sharing)
 
 
-def packed_rows(config, steps: list, data_parallel: int) -> int:
-    """Rows per packed micro-batch: `bench.packed_rows`, or (0) the fewest that hold every
+def packed_rows(w: Workload, steps: list, data_parallel: int) -> int:
+    """Rows per packed micro-batch: `data.packed_rows`, or (0) the fewest that hold every
     micro-batch of every step, rounded up to a multiple of the data-parallel size."""
-    row_length, shared = row_length_of(config), bool(config.bench.prefix_sharing)
+    row_length = row_length_of(w)
     need = max(
-        rows_needed(m, row_length, shared) for pairs in steps for m in micro_batches(config, pairs)
+        rows_needed(m, row_length, w.prefix_sharing, segments_cap(w))
+        for pairs in steps
+        for m in micro_batches(w, pairs)
     )
-    rows = config.bench.packed_rows
+    rows = w.s.data.packed_rows
     if rows == 0:
         return -(-need // data_parallel) * data_parallel
     if rows < need:
         raise SystemExit(
-            f"config bench.packed_rows={rows}: the pairs of a micro-batch need {need} rows of "
-            f"{row_length} tokens when packed; set bench.packed_rows to at least {need}, or 0 "
+            f"config data.packed_rows={rows}: the pairs of a micro-batch need {need} rows of "
+            f"{row_length} tokens when packed; set data.packed_rows to at least {need}, or 0 "
             "to choose automatically"
         )
     return rows
@@ -259,23 +270,28 @@ def synthetic_ref_logps(batch: dict, vocab_size: int, rng: np.random.Generator) 
     return np.where(valid, out, 0.0).astype(np.float32)
 
 
-def build_batch(config, pairs: list, rows: int, vocab_size: int, rng: np.random.Generator):
+def build_batch(w: Workload, pairs: list, rows: int, vocab_size: int, rng: np.random.Generator):
     """One step's host batch [A, R, T] in the DESIGN layout, pairs in order (slot p = pair p
     of its micro-batch); with ref_logps [A, 2P] when they are precomputed."""
-    row_length = row_length_of(config)
+    row_length = row_length_of(w)
     parts = []
-    for micro in micro_batches(config, pairs):
-        if config.bench.packing:
-            shared = bool(config.bench.prefix_sharing)
+    for micro in micro_batches(w, pairs):
+        if w.packing:
             parts.append(
                 data.packed_batch(
-                    micro, len(micro), rows, row_length, PAD_ID, prefix_sharing=shared
+                    micro,
+                    len(micro),
+                    rows,
+                    row_length,
+                    PAD_ID,
+                    prefix_sharing=w.prefix_sharing,
+                    max_segments_per_row=segments_cap(w),
                 )
             )
         else:
             parts.append(data.padded_batch(micro, len(micro), row_length, PAD_ID))
     batch = data.stack_batches(parts)
-    if config.training.precompute_ref_log_probs:
+    if w.s.precompute_reference:
         batch["ref_logps"] = synthetic_ref_logps(batch, vocab_size, rng)
     return batch
 
@@ -284,69 +300,58 @@ def build_batch(config, pairs: list, rows: int, vocab_size: int, rng: np.random.
 
 
 def run(config, devices=None) -> dict:
-    """Benchmarks the step on `devices` (default: all) and returns the JSON fields."""
-    model_config = model_config_for(config)
-    t, b = config.training, config.bench
-    loss_config = LossConfig(
-        loss_type=(t.loss_type,),
-        beta=t.beta,
-        reference_free=t.reference_free,
-        logits_chunk_size=config.model.logits_chunk_size,
-    )
-    precompute = loss_config.needs_reference and bool(t.precompute_ref_log_probs)
-    in_step_reference = loss_config.needs_reference and not precompute
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    """Benchmarks the trainer's step for configs/bench.py's `config` on `devices` (default:
+    all) and returns the JSON fields."""
+    return run_workload(workload(config), devices)
+
+
+def run_workload(w: Workload, devices=None) -> dict:
+    s, b = w.s, w.b
+    model_config = model_config_for(w)
+    mesh = sharding.make_mesh(s.mesh.data, s.mesh.fsdp, s.mesh.tensor, devices)
     data_parallel = sharding.data_parallel_size(mesh)
 
     # Pairs and batches first: a packing that does not fit stops before any compilation.
-    steps = synthetic_steps(config, model_config.vocab_size, 1 + b.warmup_steps + b.steps)
-    micro = t.batch_size // t.gradient_accumulation_steps
-    rows = packed_rows(config, steps, data_parallel) if b.packing else 2 * micro
-    what = "bench.packed_rows" if b.packing else "2 × training.batch_size / accumulation"
+    steps = synthetic_steps(w, model_config.vocab_size, 1 + b.warmup_steps + b.steps)
+    rows = packed_rows(w, steps, data_parallel) if w.packing else s.batch.micro_batch_rows
+    what = "data.packed_rows" if w.packing else "2 × training.batch_size / accumulation"
     sharding.check_batch_rows(rows, mesh, f"rows per micro-batch ({what})")
     ref_rng = np.random.default_rng([b.seed, 1])  # apart from the pairs' draws
-    batches = [
-        build_batch(config, pairs, rows, model_config.vocab_size, ref_rng) for pairs in steps
-    ]
-    segments_bound = packed_segments_bound(config, batches)
-    model_config = dataclasses.replace(model_config, max_segments_per_row=segments_bound)
+    batches = [build_batch(w, pairs, rows, model_config.vocab_size, ref_rng) for pairs in steps]
 
-    optim_config = optim.OptimConfig(
-        learning_rate=t.learning_rate, total_steps=1000, state_dtype=t.optimizer_state_dtype
-    )
+    # The trainer's optimizer, state, reference and memory check (dpo_jax.train.run).
+    optim_config = s.optim.for_steps(len(steps))
     optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
-    shardings = train.state_shardings(model_config, optimizer, mesh, tuple(config.mesh.rules))
-    state = train.init_state(config, model_config, optimizer, shardings)
-    # The frozen reference exists only when its forward runs in the step.
-    ref = train.copy_params(state.params, shardings.params) if in_step_reference else None
-    row_length = row_length_of(config)
-    parts = memory.estimate(
-        state,
-        ref,
+    shardings = state.state_shardings(model_config, optimizer, mesh, s.mesh.rules)
+    row_length = row_length_of(w)
+    parts = memory.check_state_fits(
+        state.abstract_state(model_config, optimizer, shardings),
         model_config,
-        tokens_per_device=rows * row_length // data_parallel,
+        mesh,
+        reference_on_device=s.reference_on_device,
+        rows=rows,
         row_length=row_length,
-        logits_chunk_size=loss_config.logits_chunk_size,
+        logits_chunk_size=s.loss.logits_chunk_size,
     )
-    print(f"memory per device (estimate): {memory.describe(parts)}", flush=True)
-
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model_config=model_config,
-            loss_config=loss_config,
-            optimizer=optimizer,
-            schedule=schedule,
-            padded_rows=not b.packing,
-        ),
-        in_shardings=(shardings, shardings.params if ref is not None else None, None),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
+    train_state = state.init_state(s.model, model_config, s.loop.seed, optimizer, shardings)
+    # The frozen reference exists only when its forward runs in the step.
+    ref = None
+    if s.reference_on_device:
+        ref = state.copy_params(train_state.params, shardings.params)
+    step_fn = jit_train_step(
+        model_config,
+        s.loss,
+        optimizer,
+        schedule,
+        shardings,
+        mesh,
+        reference_on_device=s.reference_on_device,
+        padded_rows=not w.packing,
     )
     placed = [sharding.put_batch(batch, mesh, row_axis=1) for batch in batches]
 
     started = time.perf_counter()
-    compiled = step_fn.lower(state, ref, placed[0]).compile()
+    compiled = step_fn.lower(train_state, ref, placed[0]).compile()
     compile_s = time.perf_counter() - started
     # XLA's own plan (before running, so an out-of-memory run still leaves it in the log).
     analysis = compiled.memory_analysis()
@@ -358,12 +363,12 @@ def run(config, devices=None) -> dict:
             flush=True,
         )
     for batch in placed[: 1 + b.warmup_steps]:
-        state, metrics = compiled(state, ref, batch)
+        train_state, metrics = compiled(train_state, ref, batch)
     jax.block_until_ready(metrics)
     times = []
     for batch in placed[1 + b.warmup_steps :]:
         started = time.perf_counter()
-        state, metrics = compiled(state, ref, batch)
+        train_state, metrics = compiled(train_state, ref, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - started)
 
@@ -373,22 +378,26 @@ def run(config, devices=None) -> dict:
     tokens = float(np.mean([(batch["segment_ids"] != 0).sum() for batch in timed]))
     slots = float(np.mean([batch["segment_ids"].size for batch in timed]))
     flops = float(
-        np.mean([throughput.batch_flops(model_config, batch, in_step_reference) for batch in timed])
+        np.mean(
+            [throughput.batch_flops(model_config, batch, s.reference_on_device) for batch in timed]
+        )
     )
     device = mesh.devices.flat[0]
     peak, peak_source = throughput.peak_flops(device)
-    memory_gb = train.device_memory_gb()
+    memory_gb = memory.device_peak_gb()
     fixed = b.lengths == "fixed"
+    m, t = s.model, s.optim
+    segments_bound = model_config.max_segments_per_row
     return {
         "trainer": "dpo_jax",
         "preset": b.preset,
         "device": device.device_kind,
         "devices": int(mesh.devices.size),
         "params": model.num_params(model_config),
-        "pairs_per_step": t.batch_size,
+        "pairs_per_step": s.batch.batch_size,
         "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4),
-        "pairs_per_s": round(t.batch_size / step_s, 3),
+        "pairs_per_s": round(s.batch.batch_size / step_s, 3),
         "tokens_per_s": round(tokens / step_s, 1),
         "padding_fraction": round(1 - tokens / slots, 4),
         "mfu": round(flops / step_s / (peak * mesh.devices.size), 4),
@@ -401,37 +410,33 @@ def run(config, devices=None) -> dict:
         "lengths": b.lengths,
         "prompt_length": b.prompt_length if fixed else None,
         "completion_length": b.completion_length if fixed else None,
-        "max_seq_length": config.data.max_seq_length,
+        "max_seq_length": s.data.max_seq_length,
         "row_length": row_length,
-        "batch_size": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "batch_size": s.batch.batch_size,
+        "gradient_accumulation_steps": s.batch.accumulation_steps,
         "seed": b.seed,
-        "precision": precision(
-            config.model.param_dtype, t.optimizer_state_dtype, config.model.dtype
-        ),
-        "precompute_ref_log_probs": precompute,
+        "precision": precision(m.param_dtype, t.state_dtype, m.dtype),
+        "precompute_ref_log_probs": s.precompute_reference,
         # ... and how this trainer ran it.
-        "packing": bool(b.packing),
-        "prefix_sharing": bool(b.packing and b.prefix_sharing),
+        "packing": w.packing,
+        "prefix_sharing": w.prefix_sharing,
         "max_segments_per_row": segments_bound,
         # Whether the attention really took cuDNN's packed segment layout (it falls back to
         # the mask without cuDNN >= 9.6 on Hopper, or when JAX's private API moved).
-        "cudnn_packed_layout": bool(
-            segments_bound
-            and model_config.attention_impl == "cudnn"
-            and model_config.sliding_window is None
-            and model_config.attn_logit_softcap is None
-            and attention.cudnn_packed_api() is not None
-        ),
+        "cudnn_packed_layout": w.packing
+        and attention.kernel_for(
+            model_config, decode=False, padded_rows=False, prefix_shared=w.prefix_sharing
+        )
+        == attention.CUDNN_PACKED,
         "rows_per_micro_batch": rows,
         "tokens_per_micro_batch": rows * row_length,
         "tokens_per_step": tokens,
-        "remat_policy": config.model.remat_policy,
-        "dtype": config.model.dtype,
-        "param_dtype": config.model.param_dtype,
-        "optimizer_state_dtype": t.optimizer_state_dtype,
-        "attention_impl": config.model.attention_impl or "xla",
-        "logits_chunk_size": loss_config.logits_chunk_size,
+        "remat_policy": model_config.remat_policy,
+        "dtype": m.dtype,
+        "param_dtype": m.param_dtype,
+        "optimizer_state_dtype": t.state_dtype,
+        "attention_impl": m.attention_impl or "xla",
+        "logits_chunk_size": s.loss.logits_chunk_size,
         "jax": jax.__version__,
     }
 

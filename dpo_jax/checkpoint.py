@@ -32,6 +32,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def read_config(self, step: int) -> dict:
+        """The resolved config the run saved with checkpoint `step`."""
+        return self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        ).config
+
     def save(self, step: int, state, data_position: dict, config: dict) -> None:
         self.manager.save(
             step,
@@ -53,6 +62,23 @@ class Checkpointer:
             ),
         )
         return restored.state, restored.data
+
+    def restore_params(self, step: int, abstract_params):
+        """The policy parameters alone (the optimizer state is never read), onto the
+        shardings held by `abstract_params`."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args={
+                        "params": ocp.checkpoint_utils.construct_restore_args(abstract_params)
+                    },
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored.state["params"]
 
     def watch_preemption(self) -> None:
         """On SIGTERM (what SLURM and Kubernetes send before a kill) finish the current step,

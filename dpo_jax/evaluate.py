@@ -13,17 +13,17 @@ DIR/eval_<step>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
 import sys
 
 import jax
-import ml_collections
+import jax.numpy as jnp
 
-from dpo_jax import checkpoint, data, hf, sharding, train
-from dpo_jax.step import eval_sums
+from dpo_jax import checkpoint, data, hf, settings, sharding, state
+from dpo_jax.settings import Settings
+from dpo_jax.step import finalize, jit_eval_sums
 
 # The metrics shown in the console table, in this order (the JSON holds every metric).
 TABLE_METRICS = (
@@ -43,32 +43,23 @@ class EvaluateError(ValueError):
     """A workdir, step or eval set that cannot be evaluated, and why."""
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """DIR/config.json (written by train.py) → ConfigDict."""
+def read_settings(workdir: str) -> Settings:
+    """The run's settings, from DIR/config.json (written by train.py)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise EvaluateError(f"{path}: not found; is {workdir!r} a training workdir?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return settings.from_config(settings.from_json(json.load(f)))
 
 
-def total_steps_of(workdir: str) -> int:
-    """The run's schedule length (the optimizer state's structure does not depend on it)."""
-    path = os.path.join(workdir, "data_report.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return int(json.load(f).get("total_steps", 1))
-    return 1
-
-
-def parse_eval_sets(config, data_files) -> dict[str, str]:
+def parse_eval_sets(validation_file: str, data_files) -> dict[str, str]:
     """{name: file}: --data FILE (named by its stem) or NAME=FILE; default the validation file."""
     if not data_files:
-        if not config.data.validation_file:
+        if not validation_file:
             raise EvaluateError(
                 "the run has no data.validation_file; name eval sets with --data FILE"
             )
-        return {"validation": config.data.validation_file}
+        return {"validation": validation_file}
     sets = {}
     for spec in data_files:
         match = re.fullmatch(r"([\w.-]+)=(.+)", spec)
@@ -86,6 +77,18 @@ def parse_eval_sets(config, data_files) -> dict[str, str]:
     return sets
 
 
+def eval_means(eval_fn, params, ref_params, batches, *, mesh) -> dict:
+    """Means over every pair of `batches` (host eval batches of this process's rows);
+    `eval_fn` is step.jit_eval_sums's program."""
+    totals = None
+    for batch in batches:
+        sums = eval_fn(params, ref_params, sharding.put_batch(batch, mesh, row_axis=0))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    metrics = jax.device_get(finalize(totals))
+    del metrics["pairs"]
+    return metrics
+
+
 def evaluate(
     workdir: str,
     step: int | None = None,
@@ -99,77 +102,61 @@ def evaluate(
 
     Returns {"step", "workdir", "sets": {name: {"file", "pairs", "metrics": {...}}}}.
     """
-    config = read_config(workdir)
-    mesh_shape = mesh_shape or (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    s = read_settings(workdir)
+    mesh_shape = mesh_shape or (s.mesh.data, s.mesh.fsdp, s.mesh.tensor)
     mesh = sharding.make_mesh(*mesh_shape, devices)
-    # JSON turned the rules' tuples into lists; flax wants (name, axis | (axes…) | None).
-    rules = tuple(
-        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules
-    )
-    model_config = train.model_config_from(config)
-    loss_config = train.loss_config_from(config)
-    data_settings = data.settings_from_config(config.data, config.model.max_length)
-    batch_size = int(batch_size or config.eval.batch_size)
+    model_config = state.model_config(s.model)
+    batch_size = int(batch_size or s.batch.eval_batch_size)
     sharding.check_batch_rows(2 * batch_size, mesh, "eval batch size")
-    eval_sets = parse_eval_sets(config, data_files)
+    validation = dict(s.data.validation_sources).get("", "")
+    eval_sets = parse_eval_sets(validation, data_files)
 
     # --- the eval sets first: bad data fails before any model work
-    tokenizer = hf.load_tokenizer(config.data.tokenizer or config.model.name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokenizer = hf.load_tokenizer(s.tokenizer)
+    pad_id = data.pad_token_id(tokenizer)
     eval_pairs = {
-        name: data.load_pairs(path, tokenizer, data_settings)[0] for name, path in eval_sets.items()
+        name: data.load_pairs(path, tokenizer, s.data)[0] for name, path in eval_sets.items()
     }
 
-    # --- which checkpoint
+    # --- which checkpoint; the reference is the initial policy, built as training built it,
+    # and the restored policy takes the same shardings (no optimizer: only params are read).
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     try:
-        steps = sorted(ckpt.manager.all_steps())
+        steps = ckpt.steps()
         if not steps:
             raise EvaluateError(f"{ckpt.directory}: no checkpoints")
         if step is None:
             step = steps[-1]
         elif step not in steps:
             raise EvaluateError(f"{ckpt.directory}: no checkpoint of step {step} (have {steps})")
-
-        # --- reference = the initial policy, built as train.train builds it; the restored
-        # policy takes the same shardings.
-        optimizer, _ = train.build_optimizer(config, total_steps_of(workdir))
-        shardings = train.state_shardings(model_config, optimizer, mesh, rules)
-        initial = train.init_state(config, model_config, optimizer, shardings)
-        ref_params = initial.params if loss_config.needs_reference else None
-        state, _ = ckpt.restore(step, checkpoint.abstract_like(initial))
-        del initial  # its optimizer state; the reference keeps the params alive
+        shardings = state.param_shardings(model_config, mesh, s.mesh.rules)
+        ref_params = None
+        if s.loss.needs_reference:
+            ref_params = state.initial_params(s.model, model_config, s.loop.seed, shardings)
+        params = state.restore_params(ckpt, step, model_config, shardings)
     finally:
         ckpt.close()
-    params = state.params
-    del state
 
     # --- every eval set
-    eval_fn = jax.jit(
-        functools.partial(
-            eval_sums, model_config=model_config, loss_config=loss_config, padded_rows=True
-        )
-    )
+    eval_fn = jit_eval_sums(model_config, s.loss)
 
     result = {"step": int(step), "workdir": os.path.abspath(workdir), "sets": {}}
     for name, pairs in eval_pairs.items():
         batches = data.eval_batches(
             pairs,
             batch_size=batch_size,
-            row_length=data_settings.max_seq_length,
+            row_length=s.data.max_seq_length,
             pad_id=pad_id,
-            buckets=data.resolve_buckets(
-                data_settings.bucket_lengths, data_settings.max_seq_length
-            ),
+            buckets=data.resolve_buckets(s.data.bucket_lengths, s.data.max_seq_length),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        metrics = train.run_eval(eval_fn, params, ref_params, batches, mesh=mesh)
+        metrics = eval_means(eval_fn, params, ref_params, batches, mesh=mesh)
         metrics = {k: float(v) for k, v in metrics.items()}
         # rewards = β · (policy − reference) log-ratio, on the log-probs the loss saw
         # (per-token averages for averaged losses, reference ≡ 0 when reference-free).
         for side in ("chosen", "rejected"):
-            metrics[f"logratio/{side}"] = metrics[f"rewards/{side}"] / loss_config.beta
+            metrics[f"logratio/{side}"] = metrics[f"rewards/{side}"] / s.loss.beta
         result["sets"][name] = {
             "file": os.path.abspath(eval_sets[name]),
             "pairs": len(pairs),
@@ -208,7 +195,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-USER_ERRORS = (EvaluateError, *train.USER_ERRORS)
+USER_ERRORS = (EvaluateError, *settings.USER_ERRORS)
 
 
 def main(argv=None) -> None:

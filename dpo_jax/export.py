@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import os
 
-import flax.linen as nn
 import jax
-import orbax.checkpoint as ocp
 from absl import app, flags
 
-from dpo_jax import hf, model, sharding
+from dpo_jax import checkpoint, hf, sharding, state
 from dpo_jax.model import ModelConfig
 
 
@@ -60,44 +58,27 @@ def write_hf(
 
 def restore_params(workdir: str, step: int | None = None, devices=None):
     """(run config dict, ModelConfig, params fsdp-sharded over `devices`, step) of a
-    checkpoint of `workdir`."""
+    checkpoint of `workdir`; the optimizer state is never read."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise ExportError(f"--workdir {workdir}: no checkpoints/ folder (has it trained?)")
-    manager = ocp.CheckpointManager(directory)
-    steps = manager.all_steps()
-    if step is None:
-        step = manager.latest_step()
-    if step is None or step not in steps:
-        raise ExportError(f"--step {step}: not among the checkpoints of {workdir}: {steps}")
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    m = config["model"]
-    model_config = hf.read_model_config(m["name"], param_dtype=m.get("param_dtype", "float32"))
-    mesh = sharding.make_mesh(1, -1, 1, devices)
-    # JSON turned the rules' tuples into lists; flax wants (name, axis | (axes…) | None).
-    rules = tuple(
-        (name, tuple(axes) if isinstance(axes, list) else axes)
-        for name, axes in config.get("mesh", {}).get("rules") or sharding.DEFAULT_RULES
-    )
-    abstract = jax.eval_shape(lambda: model.init_params(model_config, jax.random.key(0)))
-    shardings = sharding.logical_shardings(nn.get_partition_spec(abstract), mesh, rules)
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract),
-        shardings,
-    )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-                partial_restore=True,  # the params only, not the optimizer state
-            )
-        ),
-    )
-    manager.close()
-    return config, model_config, restored.state["params"], step
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    try:
+        steps = ckpt.steps()
+        if step is None:
+            step = ckpt.latest_step()
+        if step is None or step not in steps:
+            raise ExportError(f"--step {step}: not among the checkpoints of {workdir}: {steps}")
+        config = ckpt.read_config(step)
+        m = config["model"]
+        model_config = hf.read_model_config(m["name"], param_dtype=m.get("param_dtype", "float32"))
+        mesh = sharding.make_mesh(1, -1, 1, devices)
+        rules = sharding.mesh_rules(config.get("mesh", {}).get("rules") or sharding.DEFAULT_RULES)
+        shardings = state.param_shardings(model_config, mesh, rules)
+        params = state.restore_params(ckpt, step, model_config, shardings)
+    finally:
+        ckpt.close()
+    return config, model_config, params, step
 
 
 def export(workdir: str, out: str, step: int | None = None, *, dtype=None, devices=None) -> int:

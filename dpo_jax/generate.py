@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dpo_jax import export, hf, model
+from dpo_jax import data, export, hf, model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ def generate_text(
     """Replies (special tokens removed) to plain-text prompts; generation stops at `eos_id`
     (default: the tokenizer's EOS)."""
     ids = prompt_ids(tokenizer, prompts, apply_chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = data.pad_token_id(tokenizer)
     new = generate(
         config,
         params,

@@ -29,6 +29,26 @@ SUPPORTED_ARCHITECTURES = {
 MODEL_TYPES = {model_type: arch for arch, model_type in SUPPORTED_ARCHITECTURES.items()}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+# One of these in a folder means it holds a tokenizer (tokenizer_config.json may name a class
+# whose vocab file is vocab.json / tokenizer.model).
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# The JSON files transformers may read for a tokenizer; a torn one is named in the error.
+_TOKENIZER_JSON = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+)
+REFETCH = "re-download or re-export the model"
 
 
 class HFError(ValueError):
@@ -87,6 +107,12 @@ def model_config_from_hf(hf: dict, *, where: str = "config.json", **runtime) -> 
         raise HFError(
             f"{where}: architectures={architectures} is not supported; supported: "
             f"{sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    missing = [key for key in _REQUIRED_KEYS if not isinstance(hf.get(key), int)]
+    if missing:
+        raise HFError(
+            f"{where}: {', '.join(missing)} missing or not an integer; the file is incomplete "
+            f"or hand-edited: {REFETCH}"
         )
     model_type = SUPPORTED_ARCHITECTURES[arch]
     gemma = model_type == "gemma2"
@@ -235,15 +261,14 @@ def load_tokenizer(name_or_path: str, *, setting: str = "data.tokenizer / model.
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        cause = " ".join(str(error).split()) or type(error).__name__  # one line
-        cause = cause if len(cause) <= 240 else cause[:240] + " ..."
+    # `tokenizers` raises a bare Exception on a tokenizer.json it cannot parse; in a local
+    # folder every failure is the folder's, so each one becomes an HFError naming it.
+    except Exception as error:
         if os.path.isdir(name_or_path):
-            raise HFError(
-                f"tokenizer {name_or_path!r}: transformers cannot load a tokenizer from this "
-                f"folder ({cause}); point {setting} at a folder holding tokenizer.json or "
-                "tokenizer_config.json"
-            ) from error
+            raise _tokenizer_folder_error(name_or_path, setting, error) from error
+        if not isinstance(error, (OSError, ValueError)):
+            raise
+        cause = _one_line(error)
         if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
             raise HFError(
                 f"tokenizer {name_or_path!r}: no such folder (and not a hub id like "
@@ -260,16 +285,63 @@ def load_tokenizer(name_or_path: str, *, setting: str = "data.tokenizer / model.
         ) from error
 
 
+def _one_line(error: Exception) -> str:
+    cause = " ".join(str(error).split()) or type(error).__name__
+    return cause if len(cause) <= 240 else cause[:240] + " ..."
+
+
+def _tokenizer_folder_error(folder: str, setting: str, error: Exception) -> HFError:
+    """Why a local folder's tokenizer does not load: no tokenizer files, a torn JSON file
+    (named), or transformers' own reason."""
+    files = set(os.listdir(folder))
+    head = f"tokenizer {folder!r}: transformers cannot load a tokenizer from this folder"
+    present = [f for f in files if f in _TOKENIZER_MARKERS or f.endswith(".tiktoken")]
+    if not present:
+        return HFError(
+            f"{head}: it holds no tokenizer files ({', '.join(_TOKENIZER_MARKERS)}); copy them "
+            f"from the base model's folder, or point {setting} at a folder holding them"
+        )
+    fix = (
+        "re-download the tokenizer (or re-save it with save_pretrained), or point "
+        f"{setting} at another folder"
+    )
+    for name in _TOKENIZER_JSON:
+        if name in files:
+            try:
+                read_json(os.path.join(folder, name), fix=fix)
+            except HFError as torn:
+                return torn
+    cause = f"{type(error).__name__}: {_one_line(error)}"
+    return HFError(f"{head} ({cause}); its tokenizer files {sorted(present)} may be torn: {fix}")
+
+
+def read_json(path: str, *, fix: str = REFETCH) -> dict:
+    """The JSON object in file `path`; HFError naming the file when it is torn or not an
+    object (an interrupted download or copy), `fix` saying what repairs it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as error:
+        raise HFError(
+            f"{path}: not valid JSON ({error.msg}, line {error.lineno} column {error.colno}); "
+            f"the file is truncated or corrupt: {fix}"
+        ) from None
+    except (UnicodeDecodeError, OSError) as error:
+        raise HFError(f"{path}: unreadable ({error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise HFError(f"{path}: holds a {type(value).__name__}, not a JSON object; {fix}")
+    return value
+
+
 def read_hf_config(path: str) -> dict:
     """The raw config.json of a local HF folder or hub id."""
     config_file = os.path.join(resolve_model_path(path), "config.json")
     if not os.path.isfile(config_file):
         raise HFError(
-            f"config model.name={path!r}: no config.json there; point model.name at a local "
-            "Hugging Face model folder"
+            f"config model.name={path!r}: no config.json there ({config_file}); point "
+            "model.name at a local Hugging Face model folder"
         )
-    with open(config_file) as f:
-        return json.load(f)
+    return read_json(config_file)
 
 
 def read_model_config(path: str, **runtime) -> ModelConfig:

@@ -13,13 +13,12 @@ PyTorch names and layouts, so the loader never cares which file format it reads.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 import numpy as np
 
-from dpo_jax.hf_config import HFError
+from dpo_jax.hf_config import REFETCH, HFError, read_json
 from dpo_jax.model_config import ModelConfig
 
 # ------------------------------------------------------------------------- the tensor table
@@ -133,13 +132,25 @@ class Safetensors:
     """Tensors of model.safetensors or of the shards that model.safetensors.index.json lists."""
 
     def __init__(self, folder: str, files: dict[str, str]):
-        from safetensors import safe_open
-
         self.files = files  # HF name → file
-        self.handles = {
-            file: safe_open(os.path.join(folder, file), framework="numpy")
-            for file in sorted(set(files.values()))
-        }
+        self.handles = {}
+        for file in sorted(set(files.values())):
+            path = os.path.join(folder, file)
+            if not os.path.isfile(path):
+                raise HFError(
+                    f"{path}: missing, but model.safetensors.index.json lists it; the download "
+                    f"or copy is incomplete: {REFETCH}"
+                )
+            self.handles[file] = _open_safetensors(path)
+        # An index that promises a tensor its shard lacks would fail later, mid-load.
+        held = {file: set(handle.keys()) for file, handle in self.handles.items()}
+        for name, file in files.items():
+            if name not in held[file]:
+                raise HFError(
+                    f"{os.path.join(folder, file)}: has no tensor {name}, but "
+                    f"model.safetensors.index.json says it does; the index and shards are from "
+                    f"different downloads or exports: {REFETCH}"
+                )
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -151,17 +162,52 @@ class Safetensors:
         return self.handles[self.files[name]].get_slice(name)[index]
 
 
+def _open_safetensors(path: str):
+    """A safe_open handle; HFError naming the file when it is torn (safetensors checks at
+    open that the header parses and the data covers the whole file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as error:
+        raise HFError(
+            f"{path}: not a readable safetensors file ({os.path.getsize(path)} bytes; "
+            f"{error}); it is truncated or corrupt, e.g. by an interrupted download or copy: "
+            f"{REFETCH}"
+        ) from None
+
+
+def _read_msgpack(path: str) -> dict:
+    """The weights tree of one flax_model*.msgpack; HFError naming the file when it is torn."""
+    from flax import serialization
+
+    if not os.path.isfile(path):
+        raise HFError(f"{path}: missing, but flax_model.msgpack.index.json lists it; {REFETCH}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tree = serialization.msgpack_restore(data)
+        problem = None if isinstance(tree, dict) else f"holds a {type(tree).__name__}"
+    except ValueError as error:  # every msgpack error is one; a torn file: "incomplete input"
+        problem = str(error) or type(error).__name__
+    if problem:
+        raise HFError(
+            f"{path}: not a Flax msgpack of weights ({len(data)} bytes; {problem}); it is "
+            f"truncated or corrupt, e.g. by an interrupted download or copy: {REFETCH}"
+        )
+    return tree
+
+
 class FlaxMsgpack:
     """flax_model.msgpack (HF Flax layout: model/layers/<i>/self_attn/q_proj/kernel [in, out],
     norms' `weight`, embed_tokens/embedding) seen through HF PyTorch names and layouts."""
 
     def __init__(self, folder: str, files: list[str]):
-        from flax import serialization, traverse_util
+        from flax import traverse_util
 
         flat = {}
         for file in files:
-            with open(os.path.join(folder, file), "rb") as f:
-                tree = serialization.msgpack_restore(f.read())
+            tree = _read_msgpack(os.path.join(folder, file))
             flat.update(traverse_util.flatten_dict(tree, sep="/"))
         self.arrays = {}  # HF name → (array, transposed)
         for key, array in flat.items():
@@ -184,20 +230,25 @@ class FlaxMsgpack:
         return np.asarray((array.T if transposed else array)[index])
 
 
+def _weight_map(path: str) -> dict[str, str]:
+    """{HF name: shard file} of a *.index.json; HFError naming the file when it is torn."""
+    weight_map = read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HFError(f"{path}: no weight_map of tensor name → shard file; {REFETCH}")
+    return weight_map
+
+
 def open_weights(folder: str):
     files = set(os.listdir(folder))
     if "model.safetensors.index.json" in files:
-        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
-            return Safetensors(folder, json.load(f)["weight_map"])
+        weight_map = _weight_map(os.path.join(folder, "model.safetensors.index.json"))
+        return Safetensors(folder, weight_map)
     if "model.safetensors" in files:
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
-            names = list(f.keys())
+        names = _open_safetensors(os.path.join(folder, "model.safetensors")).keys()
         return Safetensors(folder, dict.fromkeys(names, "model.safetensors"))
     if "flax_model.msgpack.index.json" in files:
-        with open(os.path.join(folder, "flax_model.msgpack.index.json")) as f:
-            return FlaxMsgpack(folder, sorted(set(json.load(f)["weight_map"].values())))
+        weight_map = _weight_map(os.path.join(folder, "flax_model.msgpack.index.json"))
+        return FlaxMsgpack(folder, sorted(set(weight_map.values())))
     if "flax_model.msgpack" in files:
         return FlaxMsgpack(folder, ["flax_model.msgpack"])
     if any(

@@ -19,7 +19,9 @@ INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
 
 
 def rope_cos_sin(config: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    freqs_BxTxh = positions_BxT[..., None].astype(jnp.float32) * rope_inv_freq(config)
+    inv_freq_h = jnp.asarray(rope_inv_freq(config))
+    inv_freq_1x1xh = inv_freq_h.reshape((1,) * positions_BxT.ndim + inv_freq_h.shape)
+    freqs_BxTxh = positions_BxT[..., None].astype(jnp.float32) * inv_freq_1x1xh
     emb_BxTxH = jnp.concatenate([freqs_BxTxh, freqs_BxTxh], axis=-1)
     return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
 
@@ -55,7 +57,13 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         scale32 = scale.astype(jnp.float32) + (1.0 if self.unit_offset else 0.0)
-        return (x32 * scale32).astype(self.dtype)
+        return (x32 * trailing(scale32, x32)).astype(self.dtype)
+
+
+def trailing(v: jax.Array, like: jax.Array) -> jax.Array:
+    """`v` with leading 1-axes to `like`'s rank: explicit broadcasting (the tests run with
+    rank promotion raising, where implicit broadcasting hides shape bugs)."""
+    return v.reshape((1,) * (like.ndim - v.ndim) + v.shape)
 
 
 def norm_layer(config: ModelConfig, name: str) -> RMSNorm:
@@ -86,7 +94,8 @@ class Einsum(nn.Module):
         if self.bias_axes is not None:
             bias_shape = self.shape[-len(self.bias_axes) :]
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes)
-            y = y + self.param("bias", bias_init, bias_shape, self.param_dtype).astype(self.dtype)
+            bias = self.param("bias", bias_init, bias_shape, self.param_dtype).astype(self.dtype)
+            y = y + trailing(bias, y)
         return y
 
 
@@ -142,7 +151,13 @@ class Attention(nn.Module):
             k_BxTxKxH = RMSNorm(c.rms_norm_eps, name="k_norm", **dt)(k_BxTxKxH)
         q_BxTxNxH = _apply_rope(q_BxTxNxH, cos_BxTxH, sin_BxTxH)
         k_BxTxKxH = _apply_rope(k_BxTxKxH, cos_BxTxH, sin_BxTxH)
-        if self.decode:
+        kernel = attention.kernel_for(
+            c,
+            decode=self.decode,
+            padded_rows=self.padded_rows,
+            prefix_shared=branch_ids_BxT is not None,
+        )
+        if kernel == attention.DECODE_MASK:
             k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = self._cached(
                 k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window
             )
@@ -151,12 +166,7 @@ class Attention(nn.Module):
             out_BxTxNxH = attention.masked_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, c, is_causal=False, impl=None
             )
-        elif (
-            self.padded_rows
-            and branch_ids_BxT is None
-            and c.sliding_window is None
-            and c.attn_logit_softcap is None
-        ):
+        elif kernel == attention.PADDED_ROWS:
             out_BxTxNxH = attention.padded_rows_attention(
                 q_BxTxNxH,
                 k_BxTxKxH,
@@ -165,14 +175,7 @@ class Attention(nn.Module):
                 scale=(c.query_pre_attn_scalar or h) ** -0.5,
                 implementation=c.attention_impl,
             )
-        elif (
-            c.attention_impl == "cudnn"
-            and c.max_segments_per_row is not None
-            and branch_ids_BxT is None
-            and c.sliding_window is None
-            and c.attn_logit_softcap is None
-            and (api := attention.cudnn_packed_api()) is not None
-        ):
+        elif kernel == attention.CUDNN_PACKED:
             out_BxTxNxH = attention.packed_rows_attention(
                 q_BxTxNxH,
                 k_BxTxKxH,
@@ -180,7 +183,7 @@ class Attention(nn.Module):
                 segment_ids_BxT,
                 scale=(c.query_pre_attn_scalar or h) ** -0.5,
                 max_segments=c.max_segments_per_row,
-                api=api,
+                api=attention.cudnn_packed_api(),
             )
         else:
             # Causal by index in the row AND same segment. Padding (segment 0) attends to
@@ -227,7 +230,7 @@ class Attention(nn.Module):
         cached_k.value = cached_k.value.at[rows_Bx1, slots_BxT].set(k_BxTxKxH, mode="drop")
         cached_v.value = cached_v.value.at[rows_Bx1, slots_BxT].set(v_BxTxKxH, mode="drop")
         filled.value = filled.value.at[rows_Bx1, slots_BxT].set(True, mode="drop")
-        distance_BxTxS = positions_BxT[:, :, None] - jnp.arange(s)
+        distance_BxTxS = positions_BxT[:, :, None] - jnp.arange(s)[None, None, :]
         mask_BxTxS = filled.value[:, None, :] & (distance_BxTxS >= 0)
         if self.config.sliding_window is not None:
             mask_BxTxS &= (window <= 0) | (distance_BxTxS < window)

@@ -89,15 +89,15 @@ def _chunked_fwd(hidden_NxD, unembed_DxV, labels_N, chunk, softcap):
         _, _, logits_NxC, vocab_ids_C, fresh_C = _chunk_logits(
             hidden_NxD, unembed_DxV, index, chunk, softcap
         )
-        masked_NxC = jnp.where(fresh_C, logits_NxC, -jnp.inf)
+        masked_NxC = jnp.where(fresh_C[None, :], logits_NxC, -jnp.inf)
         # Online logsumexp: rescale the running sum to the new running max.
         new_max_N = jnp.maximum(max_N, masked_NxC.max(axis=-1))
         sumexp_N = sumexp_N * jnp.exp(max_N - new_max_N) + jnp.exp(
             masked_NxC - new_max_N[:, None]
         ).sum(axis=-1)
-        is_label_NxC = (vocab_ids_C == labels_N[:, None]) & fresh_C
+        is_label_NxC = (vocab_ids_C[None, :] == labels_N[:, None]) & fresh_C[None, :]
         label_logit_N += jnp.where(is_label_NxC, logits_NxC, 0.0).sum(axis=-1)
-        logit_sum_N += jnp.where(fresh_C, logits_NxC, 0.0).sum(axis=-1)
+        logit_sum_N += jnp.where(fresh_C[None, :], logits_NxC, 0.0).sum(axis=-1)
         return (new_max_N, sumexp_N, label_logit_N, logit_sum_N), None
 
     zeros_N = jnp.zeros((num_tokens,), _F32)
@@ -121,11 +121,11 @@ def _chunked_bwd(chunk, softcap, residuals, cotangents):
         )
         # d logp / d logits = onehot(label) - softmax;  d mean / d logits = 1 / V.
         probs_NxC = jnp.exp(logits_NxC - logsumexp_N[:, None])
-        onehot_NxC = (vocab_ids_C == labels_N[:, None]).astype(_F32)
+        onehot_NxC = (vocab_ids_C[None, :] == labels_N[:, None]).astype(_F32)
         dlogits_NxC = dlogps_N[:, None] * (onehot_NxC - probs_NxC) + dmean_N[:, None] / vocab
         if softcap is not None:  # d/dz cap*tanh(z/cap) = 1 - tanh^2 = 1 - (logit/cap)^2
             dlogits_NxC *= 1.0 - jnp.square(logits_NxC / softcap)
-        dlogits_NxC = jnp.where(fresh_C, dlogits_NxC, 0.0)
+        dlogits_NxC = jnp.where(fresh_C[None, :], dlogits_NxC, 0.0)
         dhidden_NxD += jnp.einsum(
             "NC,DC->ND",
             dlogits_NxC.astype(unembed_DxC.dtype),
@@ -427,8 +427,9 @@ LOSSES: dict[str, Callable[..., Array]] = {
 }
 # preference_loss feeds these length-averaged log-probs whatever preference_average_log_probs.
 AVERAGED_LOSSES = frozenset({"ipo", "simpo", "orpo", "sigmoid_norm"})
-# ...and these zero reference log-probs whatever reference_free.
-REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})
+# ...and these never look at the reference (zero reference log-probs whatever
+# reference_free; sft is the NLL of the chosen reply alone).
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
 
 
 # The combined loss -----------------------------------------------------------------------

@@ -111,3 +111,38 @@ def check_fits(parts: dict[str, int], limit_bytes: int | None) -> None:
         f"estimated {parts['total'] / GiB:.1f} GiB per device ({describe(parts)}) exceeds the "
         f"{limit_bytes / GiB:.1f} GiB available. Knobs that reduce it:\n  - {knobs}"
     )
+
+
+def check_state_fits(
+    abstract_state,
+    config: ModelConfig,
+    mesh,
+    *,
+    reference_on_device: bool,
+    rows: int,
+    row_length: int,
+    logits_chunk_size: int,
+) -> dict[str, int]:
+    """Prints the per-device estimate for a state of ShapeDtypeStructs and micro-batches of
+    `rows` rows as the iterator builds them; on an accelerator, stops before compiling when
+    it cannot fit, naming the knobs that would make it fit. Returns the parts."""
+    data_parallel = math.prod(mesh.shape[axis] for axis in ("data", "fsdp"))
+    parts = estimate(
+        abstract_state,
+        abstract_state.params if reference_on_device else None,
+        config,
+        tokens_per_device=max(1, rows // data_parallel) * row_length,
+        row_length=row_length,
+        logits_chunk_size=logits_chunk_size,
+    )
+    if jax.process_index() == 0:
+        print(f"memory per device (estimate): {describe(parts)}", flush=True)
+    check_fits(parts, device_limit_bytes(mesh.devices.flat[0]))
+    return parts
+
+
+def device_peak_gb() -> float | None:
+    """Peak memory of this process's first device so far (None where it is not tracked)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / GiB

@@ -1,4 +1,5 @@
-"""Metric sinks beside metrics.jsonl: TensorBoard event files and, optionally, Weights & Biases.
+"""DIR/metrics.jsonl with its console line, and the sinks beside it: TensorBoard event files
+and, optionally, Weights & Biases.
 
 Each writer has write(step, metrics) and close(). Train metrics and eval/ metrics go to two
 TensorBoard runs, DIR/tensorboard/train and DIR/tensorboard/eval, under the same tags
@@ -11,12 +12,70 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import shutil
 import sys
 import warnings
 
 EVAL_PREFIX = "eval/"
+
+
+class MetricsWriter:
+    """DIR/metrics.jsonl plus a console line and the sinks; written by process 0 only."""
+
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.sinks = None  # TensorBoard / W&B writers (MultiWriter)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)} | {k: float(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.sinks is not None:
+            self.sinks.write(step, row)
+        self.console(step, row)
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
+
+    def console(self, step: int, row: dict) -> None:
+        if "loss" in row:
+            print(
+                f"step {step:5d}/{self.total_steps} | loss {row['loss']:.4f} | "
+                f"acc {row['rewards/accuracies']:.3f} | margin {row['rewards/margins']:+.3f} | "
+                f"lr {row['learning_rate']:.2e} | {row.get('tokens_per_sec', 0):,.0f} tok/s",
+                flush=True,
+            )
+        else:
+            shown = {
+                k: round(v, 4)
+                for k, v in row.items()
+                if k.endswith(("/loss", "/rewards/accuracies", "/rewards/margins"))
+            }
+            print(f"eval  {step:5d} | {shown}", flush=True)
+
+
+def truncate_logs_after(workdir: str, step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be recomputed).
+    Eval and sample rows of the checkpoint's own step stay: they ran before it was saved."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(workdir, name)
+        if not os.path.exists(path):
+            continue
+
+        def keep(row):
+            return row["step"] < step or (row["step"] == step and "loss" not in row)
+
+        with open(path, encoding="utf-8") as f:
+            rows = [line for line in f if line.strip() and keep(json.loads(line))]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(rows)
 
 
 def split_metrics(metrics: dict) -> dict[str, dict[str, float]]:

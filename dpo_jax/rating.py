@@ -8,6 +8,8 @@ The sheet shows each prompt with two answers in a random A/B order per row (seed
 empty 1–5 columns for the tutorial's criteria (helpfulness, safety, alignment) of each answer
 and a `preferred` column (A, B or tie). Which side is the policy is kept out of the sheet, in
 <sheet>.key.json, so raters stay blind; `score` joins them back into win rates and mean scores.
+A text cell that a spreadsheet would run as a formula (=, +, -, @) is written with a leading
+single quote; see `guard_cell`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ SCORE_COLUMNS = tuple(f"{side}_{c}" for side in SIDES for c in CRITERIA)
 COLUMNS = ("id", "prompt", "answer_A", "answer_B", *SCORE_COLUMNS, "preferred", "notes")
 PREFERRED = {"a": "A", "b": "B", "tie": "tie"}
 MAX_ERRORS = 20  # listed at once, so a rater can fix a sheet in one go
+# A cell starting with one of these is a formula to Excel, LibreOffice or Google Sheets
+# (=HYPERLINK(...), +cmd|..., -1+1, @SUM(...)); tab and CR start one in some of them.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 class RatingError(ValueError):
@@ -37,9 +42,27 @@ def key_path_for(sheet_path: str) -> str:
     return sheet_path + ".key.json"
 
 
+def guard_cell(text: str) -> str:
+    """`text` as a CSV cell that a spreadsheet shows as text, never runs as a formula.
+
+    Prompts come from data sets and answers are model output: a cell such as
+    `=HYPERLINK("http://x", "open")` or `+cmd|' /C calc'!A0` would otherwise be evaluated when
+    a rater opens the sheet (CSV injection). Such a cell gets a leading single quote, the
+    spreadsheets' own "this is text" mark; `unguard_cell` removes it again when scoring."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def unguard_cell(text: str) -> str:
+    """The text a sheet cell stands for: guard_cell's quote removed, and nothing to remove
+    when a spreadsheet dropped it on save. Fingerprints unguard both sides, so a text that
+    itself starts with '= (left as is by guard_cell) still matches."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
+
+
 def _fingerprint(text: str) -> str:
     # Whitespace-insensitive: spreadsheets re-wrap, trim and change line endings.
-    return hashlib.sha1(" ".join(str(text).split()).encode()).hexdigest()[:16]
+    text = unguard_cell(str(text))
+    return hashlib.sha1(" ".join(text.split()).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- export
@@ -76,7 +99,8 @@ def rows_from_samples(path: str, step: int | None = None) -> list[tuple[str, str
 def export_sheet(rows: Sequence[Sequence[str]], path: str, seed: int = 0) -> str:
     """Writes the blinded sheet to `path` and its key to `path`.key.json; returns the key path.
 
-    rows: (prompt, reference_answer, policy_answer) per item."""
+    rows: (prompt, reference_answer, policy_answer) per item. Text cells go through
+    guard_cell, so a formula-like prompt or answer stays text in any spreadsheet."""
     rng = random.Random(seed)
     key_rows = {}
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -88,7 +112,8 @@ def export_sheet(rows: Sequence[Sequence[str]], path: str, seed: int = 0) -> str
             prompt, reference, policy = (str(x) for x in row)
             policy_side = rng.choice(SIDES)
             a, b = (policy, reference) if policy_side == "A" else (reference, policy)
-            writer.writerow([i, prompt, a, b, *[""] * len(SCORE_COLUMNS), "", ""])
+            cells = [guard_cell(text) for text in (prompt, a, b)]
+            writer.writerow([i, *cells, *[""] * len(SCORE_COLUMNS), "", ""])
             key_rows[str(i)] = {
                 "policy": policy_side,
                 "prompt": _fingerprint(prompt),

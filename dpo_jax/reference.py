@@ -15,6 +15,7 @@ run on the same data and model (a sweep over beta, a resumed run) loads them ins
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -84,7 +85,7 @@ def table_key(weights: str, model_config, pairs: Sequence[TokenizedPair]) -> str
 def load_table(cache_dir: str, key: str, num_pairs: int) -> np.ndarray | None:
     path = os.path.join(cache_dir, f"{key}.npy")
     try:
-        table = np.load(path)
+        table = np.load(path, allow_pickle=False)
     except (OSError, ValueError):
         return None
     return table if table.shape == (num_pairs, 2) else None
@@ -168,3 +169,36 @@ def precompute_tables(
             )
         tables[name] = table
     return tables
+
+
+def cache_dir_for(data_cache_dir: str | None, workdir: str) -> str:
+    """Reference tables live in the tokenization cache (shared by runs on the same data and
+    model), or in the workdir when there is none (data.cache_dir="none")."""
+    return os.path.join(data_cache_dir or workdir, "reference_logps")
+
+
+def precompute(
+    logps_fn: Callable,
+    params,
+    named_pairs: dict[str, Sequence[TokenizedPair]],
+    *,
+    model_config,
+    batches: Callable[[Sequence[TokenizedPair]], Iterable[dict]],
+    batch_size: int,
+    mesh,
+    cache_dir: str,
+) -> dict[str, np.ndarray]:
+    """Reference log-probs of every named pair set from `params` (the initial policy, which
+    is the reference); `logps_fn(params, placed batch)` is the jitted per-sequence forward.
+    Process 0 prints what was loaded or computed."""
+    return precompute_tables(
+        named_pairs,
+        weights_fingerprint=params_fingerprint(params, mesh),
+        model_config=model_config,
+        logps_fn=functools.partial(logps_fn, params),
+        batches=batches,
+        batch_size=batch_size,
+        mesh=mesh,
+        cache_dir=cache_dir,
+        log=lambda line: print(line, flush=True) if jax.process_index() == 0 else None,
+    )

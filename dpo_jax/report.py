@@ -6,6 +6,9 @@ Reads DIR/metrics.jsonl (train rows and eval/ rows), DIR/samples.jsonl (policy n
 reference replies, when present), DIR/eval_<step>.json (from dpo_jax.evaluate, when present)
 and DIR/config.json. Train and eval series of a metric share one plot; an eval set other
 than the default one logs as eval/<set>/<metric> and gets its own line.
+
+Every text read from those files (prompts, replies, metric and set names, steps, config
+values, the path) is HTML-escaped where it lands in the page: replies are model output.
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def make_plots(rows: list[dict]) -> list[tuple[str, str, bytes]]:
 
 
 def _fmt(value) -> str:
+    """A table cell's HTML; anything but a number is escaped (replies are model output)."""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -253,7 +257,8 @@ def samples_section(samples: list[dict]) -> str:
     last = [s for s in samples if s.get("step", 0) == steps[-1]]
     shown = last[:MAX_SAMPLE_ROWS]
     total = f" (all steps: {len(samples)} rows in samples.jsonl)" if len(steps) > 1 else ""
-    parts.append(f"<p>Step {steps[-1]}: {len(shown)} of {len(last)} prompts{total}.</p>")
+    step = html.escape(str(steps[-1]))  # samples.jsonl is only trusted to be JSON
+    parts.append(f"<p>Step {step}: {len(shown)} of {len(last)} prompts{total}.</p>")
     body = [
         [
             s.get("prompt", ""),
@@ -286,7 +291,8 @@ def evaluations_section(workdir: str) -> str:
         sets = result.get("sets", {})
         header = ["metric"] + [f"{name} ({s.get('pairs', '?')} pairs)" for name, s in sets.items()]
         body = [[m] + [s.get("metrics", {}).get(m, "—") for s in sets.values()] for m in metrics]
-        parts.append(f"<h3>step {result.get('step', '?')}</h3>" + table(header, body))
+        step = html.escape(str(result.get("step", "?")))  # a hand-edited file may hold any text
+        parts.append(f"<h3>step {step}</h3>" + table(header, body))
     return "".join(parts)
 
 

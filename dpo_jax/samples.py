@@ -40,13 +40,28 @@ def read_prompts(path: str) -> list[str]:
         raise ValueError(f"config eval.sample_prompts_file: {error}") from None
 
 
-def sampling_from(config_eval) -> generate.SamplingConfig:
-    return generate.SamplingConfig(
-        max_new_tokens=int(config_eval.sample_max_new_tokens),
-        temperature=float(config_eval.sample_temperature),
-        top_k=int(config_eval.sample_top_k),
-        top_p=float(config_eval.sample_top_p),
-        seed=int(config_eval.sample_seed),
+def make_sampler(
+    workdir: str,
+    s,
+    model_config,
+    tokenizer,
+    apply_chat_template: bool,
+) -> SampleWriter | None:
+    """The generated-samples hook of a run's settings.SampleSettings `s` (None when it names
+    no prompts file)."""
+    if not s.prompts_file:
+        return None
+    prompts = read_prompts(s.prompts_file)
+    if s.num_prompts > 0:
+        prompts = prompts[: s.num_prompts]
+    return SampleWriter(
+        workdir,
+        model_config,
+        tokenizer,
+        prompts,
+        s.sampling,
+        load_checker(s.checker),
+        apply_chat_template,
     )
 
 

@@ -39,6 +39,11 @@ DEFAULT_RULES = (
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
+def mesh_rules(rules) -> tuple:
+    """Rules as flax wants them, (name, axis | (axes…) | None); JSON made the tuples lists."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
 class MeshError(ValueError):
     """A mesh or batch shape that cannot work on the available devices."""
 

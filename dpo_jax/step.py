@@ -11,6 +11,7 @@ change nothing but float rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -18,11 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import losses, model
+from dpo_jax import losses, model, sharding
+from dpo_jax.losses import REFERENCE_FREE_LOSSES
 from dpo_jax.model import ModelConfig
-
-# Losses that never look at a reference model.
-REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,3 +228,54 @@ def eval_sums(
     ref_S = reference_logps(model_config, ref_params, batch, loss_config, padded_rows)
     _, sums = pair_sums(model_config, loss_config, params, ref_S, batch, padded_rows)
     return sums
+
+
+# --------------------------------------------------------------- the compiled programs
+
+
+def jit_train_step(
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    shardings: TrainState,
+    mesh,
+    *,
+    reference_on_device: bool,
+    padded_rows: bool,
+):
+    """train_step jitted with the state's shardings (donated) and replicated metrics: the
+    trainer's step and the benchmark's are this one program."""
+    return jax.jit(
+        functools.partial(
+            train_step,
+            model_config=model_config,
+            loss_config=loss_config,
+            optimizer=optimizer,
+            schedule=schedule,
+            padded_rows=padded_rows,
+        ),
+        in_shardings=(shardings, shardings.params if reference_on_device else None, None),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_sums(model_config: ModelConfig, loss_config: LossConfig):
+    """eval_sums jitted for eval batches (padded rows)."""
+    return jax.jit(
+        functools.partial(
+            eval_sums, model_config=model_config, loss_config=loss_config, padded_rows=True
+        )
+    )
+
+
+def jit_reference_logps(model_config: ModelConfig, chunk_size: int, mesh):
+    """(weights, placed eval batch) → per-sequence log-probs, replicated. The weights are an
+    argument, not a closure: closed-over arrays become constants."""
+    return jax.jit(
+        lambda weights, batch: sequence_stats(
+            model_config, weights, batch, chunk_size, padded_rows=True
+        )[0],
+        out_shardings=sharding.replicated(mesh),
+    )

@@ -8,6 +8,7 @@ padding is never counted. MFU divides by the card's dense bf16 peak, read from i
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -94,3 +95,50 @@ def batch_flops(model_config, batch: dict, with_reference: bool) -> float:
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens in the rows of a host batch."""
     return int(np.count_nonzero(np.asarray(batch["segment_ids"])))
+
+
+def batch_totals(model_config, host_batch: dict, with_reference: bool) -> np.ndarray:
+    """[real tokens, pairs, model FLOPs] of one step's batch over all processes. Only this
+    process's rows are here; the slices of all processes are of equal size, so tokens and
+    FLOPs are process_count times this process's. Pair-level arrays (pair_mask) are whole
+    on every process."""
+    count = jax.process_count()
+    return np.array(
+        [
+            count * batch_tokens(host_batch),
+            np.count_nonzero(host_batch["pair_mask"]),
+            count * batch_flops(model_config, host_batch, with_reference),
+        ],
+        np.float64,
+    )
+
+
+class Window:
+    """Totals of the steps since the last log line, and the rates they give."""
+
+    def __init__(self, peak_flops_per_device: float, num_devices: int):
+        self.peak = peak_flops_per_device * num_devices
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = np.zeros(3)
+        self.started = time.perf_counter()
+
+    def add(self, totals: np.ndarray) -> None:
+        self.totals = self.totals + totals
+
+    def take(self) -> tuple[np.ndarray, float]:
+        """(totals, start time) of the window so far; a new window starts now."""
+        taken = (self.totals, self.started)
+        self.reset()
+        return taken
+
+    def rates(self, totals: np.ndarray, started: float) -> dict[str, float]:
+        """Non-padding tokens and pairs per second and the MFU of all devices since
+        `started` (the first window includes compilation)."""
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        return {
+            "tokens_per_sec": totals[0] / elapsed,
+            "pairs_per_sec": totals[1] / elapsed,
+            "mfu": totals[2] / elapsed / self.peak,
+        }

@@ -3,7 +3,7 @@
     python scripts/make_tiny_sft.py [--workdir /tmp/tiny_sft]
 
 1. writes SFT data: each embedded pair's polite or rude response at random (50/50);
-2. trains configs/tiny_sft.py (loss "sft") from random weights;
+2. trains configs/tiny.py:sft (loss "sft") from random weights;
 3. saves the result in Hugging Face format into dpo_jax/embedded/tiny/ (model.safetensors
    next to the tokenizer and config.json), where configs/tiny.py loads it from;
 4. samples replies to the held-out prompts and reports how often they are courteous
@@ -20,11 +20,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name):
+def load_config(name, *args):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from dpo_jax import embedded, generate, hf, train
+    from dpo_jax import embedded, generate, hf, settings, state, train
     from dpo_jax.embedded import courtesy
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -47,12 +47,12 @@ def main() -> None:
         validation_file, courtesy.sft_records(courtesy.read_jsonl(embedded.VALIDATION_FILE), seed=1)
     )
 
-    config = load_config("tiny_sft")
+    config = load_config("tiny", "sft")
     config.data.train_file = train_file
     config.data.validation_file = validation_file
     run_dir = os.path.join(args.workdir, "run")
     result = train.train(config, run_dir)
-    model_config = train.model_config_from(config)
+    model_config = state.model_config(settings.from_config(config).model)
     tokenizer = AutoTokenizer.from_pretrained(embedded.TINY_MODEL_DIR)
     # Only the weights go next to the committed tokenizer and config.json (which the
     # tokenizer script writes); a full export would rewrite those files.

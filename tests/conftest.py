@@ -12,24 +12,29 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Implicit rank promotion (adding [B] to [B, T]) is how shape bugs hide; the package must not
+# rely on it. The environment variable reaches the CLIs the tests start, too.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name: str = "tiny", **overrides):
-    """configs/<name>.py's get_config() with dotted-key overrides ("training.max_steps": 4)."""
+def load_config(name: str = "tiny", *args, **overrides):
+    """configs/<name>.py's get_config(*args) with dotted-key overrides ("training.max_steps": 4)."""
     path = os.path.join(REPO, "configs", f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config = module.get_config(*args)
+    config.update_from_flattened_dict(overrides)
     return config
+
+
+def model_config_of(config):
+    """The ModelConfig a run of `config` trains, by the trainer's own settings path."""
+    from dpo_jax import settings, state
+
+    return state.model_config(settings.from_config(config).model)
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from dpo_jax import bench, throughput, train
+from dpo_jax import bench, state, throughput
 
 # Every field a result must carry (benchmarks/trl_dpo.py prints the same ones).
 FIELDS = (
@@ -66,12 +66,12 @@ def test_packing_lowers_padding_and_precomputed_reference_holds_no_weights(monke
     def no_reference_copy(*args):
         raise AssertionError("precomputed reference log-probs must not copy the weights")
 
-    monkeypatch.setattr(train, "copy_params", no_reference_copy)
+    monkeypatch.setattr(state, "copy_params", no_reference_copy)
     packed = bench.run(
         load_config(
             "bench",
             **HH,
-            **{"bench.packing": True, "training.precompute_ref_log_probs": True},
+            **{"data.packing": True, "training.precompute_ref_log_probs": True},
         ),
         devices=one_device,
     )
@@ -96,10 +96,10 @@ def test_prefix_sharing_gives_the_same_loss_on_fewer_tokens():
     groups: the step-0 loss agrees, fewer tokens are computed, and the FLOPs counted are
     those of the shared layout (the prompt once)."""
     one_device = jax.devices()[:1]
-    packed_config = load_config("bench", **HH, **{"bench.packing": True})
+    packed_config = load_config("bench", **HH, **{"data.packing": True})
     packed = bench.run(packed_config, devices=one_device)
     shared = bench.run(
-        load_config("bench", **HH, **{"bench.packing": True, "bench.prefix_sharing": True}),
+        load_config("bench", **HH, **{"data.packing": True, "data.prefix_sharing": True}),
         devices=one_device,
     )
     assert_positive_finite(shared)
@@ -107,24 +107,27 @@ def test_prefix_sharing_gives_the_same_loss_on_fewer_tokens():
     assert shared["row_length"] == 2 * packed["row_length"] == 512
     assert math.isclose(shared["loss"], packed["loss"], rel_tol=1e-5)
     # The one timed step is the second (the first compiles).
-    vocab_size = bench.model_config_for(packed_config).vocab_size
-    _, pairs = bench.synthetic_steps(packed_config, vocab_size, 2)
+    workload = bench.workload(packed_config)
+    vocab_size = bench.model_config_for(workload).vocab_size
+    _, pairs = bench.synthetic_steps(workload, vocab_size, 2)
     prompts = sum(len(p.prompt) for p in pairs)
     assert shared["tokens_per_step"] == packed["tokens_per_step"] - prompts
 
 
 def test_synthetic_pairs_packed_and_padded_hold_the_same_sequences():
     config = load_config("bench", **HH, **{"training.gradient_accumulation_steps": 2})
-    (pairs,) = bench.synthetic_steps(config, 1024, 1)
+    workload = bench.workload(config)
+    (pairs,) = bench.synthetic_steps(workload, 1024, 1)
     lengths = np.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs])
     rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(lengths, bench.synthetic_lengths(config, rng, 8))
+    np.testing.assert_array_equal(lengths, bench.synthetic_lengths(workload, rng, 8))
     assert 0 < (lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])).max() <= 256
 
-    padded = bench.build_batch(config, pairs, 8, 1024, rng)
-    config.bench.packing = True
-    rows = bench.packed_rows(config, [pairs], data_parallel=1)
-    packed = bench.build_batch(config, pairs, rows, 1024, rng)
+    padded = bench.build_batch(workload, pairs, 8, 1024, rng)
+    config.data.packing = True
+    workload = bench.workload(config)
+    rows = bench.packed_rows(workload, [pairs], data_parallel=1)
+    packed = bench.build_batch(workload, pairs, rows, 1024, rng)
     assert padded["tokens"].shape == (2, 8, 256) and packed["tokens"].shape == (2, rows, 256)
     assert rows <= 8  # never more rows than padding needs
     # Padding never counts: the same real sequences, so the same model FLOPs.
@@ -134,12 +137,13 @@ def test_synthetic_pairs_packed_and_padded_hold_the_same_sequences():
 
 
 def test_packing_builds_fixed_rows_and_says_which_key_when_pairs_do_not_fit():
-    config = load_config("bench", **HH, **{"bench.packing": True})
-    steps = bench.synthetic_steps(config, 1024, 3)
+    config = load_config("bench", **HH, **{"data.packing": True})
+    workload = bench.workload(config)
+    steps = bench.synthetic_steps(workload, 1024, 3)
     need = max(bench.rows_needed(pairs, 256) for pairs in steps)
-    assert bench.packed_rows(config, steps, data_parallel=1) == need
-    assert bench.packed_rows(config, steps, data_parallel=4) == -(-need // 4) * 4
-    batch = bench.build_batch(config, steps[0], need, 1024, np.random.default_rng(0))
+    assert bench.packed_rows(workload, steps, data_parallel=1) == need
+    assert bench.packed_rows(workload, steps, data_parallel=4) == -(-need // 4) * 4
+    batch = bench.build_batch(workload, steps[0], need, 1024, np.random.default_rng(0))
     assert batch["tokens"].shape == (1, need, 256)
     assert batch["pair_mask"].shape == (1, 8) and batch["pair_mask"].all()
     # Chosen of pair p is sequence 2p, rejected 2p+1, whatever row they landed in.
@@ -148,15 +152,16 @@ def test_packing_builds_fixed_rows_and_says_which_key_when_pairs_do_not_fit():
             real = batch["segment_ids"][0] != 0
             assert ((batch["sequence_ids"][0] == 2 * p + side) & real).sum() == n
 
-    config.bench.packed_rows = need - 1
-    with pytest.raises(SystemExit, match=r"bench\.packed_rows"):
-        bench.packed_rows(config, steps, data_parallel=1)
+    config.data.packed_rows = need - 1
+    with pytest.raises(SystemExit, match=r"data\.packed_rows"):
+        bench.packed_rows(bench.workload(config), steps, data_parallel=1)
 
 
 def test_precomputed_reference_log_probs_are_finite_and_zero_in_empty_slots():
     config = load_config("bench", **HH, **{"training.precompute_ref_log_probs": True})
-    (pairs,) = bench.synthetic_steps(config, 1024, 1)
-    batch = bench.build_batch(config, pairs[:5], 16, 1024, np.random.default_rng(0))
+    workload = bench.workload(config)
+    (pairs,) = bench.synthetic_steps(workload, 1024, 1)
+    batch = bench.build_batch(workload, pairs[:5], 16, 1024, np.random.default_rng(0))
     ref = batch["ref_logps"]
     assert ref.shape == (1, 10) and ref.dtype == np.float32 and np.isfinite(ref).all()
     assert (ref < 0).all()  # -ln V per completion token, about a random model's
@@ -173,14 +178,31 @@ def test_precision_labels_match_between_trainers():
     )
 
 
-def test_segment_bound_is_the_most_sequences_a_row_holds_or_an_error():
-    config = load_config("bench", **HH, **{"bench.packing": True})
-    batches = [{"segment_ids": np.array([[[1, 1, 2, 3, 0]]])}, {"segment_ids": np.ones((1, 1, 5))}]
-    assert bench.packed_segments_bound(config, batches) is None  # 0: the mask
-    config.bench.max_segments_per_row = -1
-    assert bench.packed_segments_bound(config, batches) == 3
-    config.bench.max_segments_per_row = 2
-    with pytest.raises(SystemExit, match="bench.max_segments_per_row=2"):
-        bench.packed_segments_bound(config, batches)
-    config.bench.prefix_sharing = True  # prefix-shared rows always take the mask
-    assert bench.packed_segments_bound(config, batches) is None
+def test_segment_bound_follows_the_trainers_rule_and_the_packer_keeps_it():
+    """data.max_segments_per_row means in the benchmark what it means in training: 0 = the
+    mask, >= 2 a bound the packed rows keep (cuDNN's packed layout), 1 a config error, and
+    prefix-shared rows always the mask."""
+    bound = lambda **o: (
+        bench.model_config_for(  # noqa: E731
+            bench.workload(load_config("bench", **HH, **{"data.packing": True} | o))
+        ).max_segments_per_row
+    )
+    assert bound() is None
+    assert bound(**{"data.max_segments_per_row": 2}) == 2
+    assert bound(**{"data.max_segments_per_row": 2, "data.prefix_sharing": True}) is None
+    with pytest.raises(SystemExit, match="data.max_segments_per_row=1"):
+        bound(**{"data.max_segments_per_row": 1})
+
+    # Sequences of 16 tokens in rows of 64: four to a row when nothing bounds them.
+    short = {"data.packing": True, "bench.prompt_length": 8, "bench.completion_length": 8}
+    short["data.max_seq_length"] = 64
+    free = bench.workload(load_config("bench", **short))
+    capped = bench.workload(load_config("bench", **short, **{"data.max_segments_per_row": 2}))
+    steps = bench.synthetic_steps(free, 1024, 2)
+    rows = [bench.packed_rows(w, steps, data_parallel=1) for w in (free, capped)]
+    most = [
+        bench.build_batch(w, steps[0], n, 1024, None)["segment_ids"].max()
+        for w, n in zip((free, capped), rows, strict=True)
+    ]
+    assert most[0] == 4
+    assert most[1] == 2 and rows[1] > rows[0]

@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpo_jax import data, embedded
+from dpo_jax.settings import data_settings
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def write_jsonl(path, rows):
 
 GOOD = {"prompt": "How do I water a cactus?", "chosen": "Sure! Rarely.", "rejected": "Ugh. Rarely."}
 CHAT = lambda role, content: {"role": role, "content": content}
-CONFIG = data.DataConfig(max_seq_length=64)
+CONFIG = data.DataSettings(max_seq_length=64)
 
 BAD_RECORDS = [
     ('{"prompt": "a", "chosen": "b"', "malformed_json", "malformed JSON"),
@@ -68,7 +69,7 @@ BAD_RECORDS = [
 @pytest.mark.parametrize("bad, reason, message", BAD_RECORDS, ids=[r for _, r, _ in BAD_RECORDS])
 def test_bad_records_name_file_line_and_field(tmp_path, tokenizer, bad, reason, message):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, bad, GOOD | {"prompt": "Other?"}])
-    cfg = data.DataConfig(max_seq_length=64, truncation="error")
+    cfg = data.DataSettings(max_seq_length=64, truncation="error")
     with pytest.raises(data.DataError) as error:
         data.load_pairs(path, tokenizer, cfg)
     first_line = str(error.value).splitlines()[0]
@@ -92,7 +93,7 @@ def test_skip_counts_every_reason_and_warns(tmp_path, tokenizer, caplog):
     write_jsonl(path, rows)
     with open(path, "ab") as f:
         f.write(b'{"prompt": "\xff"}\n')
-    cfg = data.DataConfig(max_seq_length=64, truncation="error", on_error="skip")
+    cfg = data.DataSettings(max_seq_length=64, truncation="error", on_error="skip")
     with caplog.at_level(logging.WARNING, logger="dpo_jax.data"):
         pairs, report = data.load_source(str(path), tokenizer, cfg)
     expected = {}
@@ -166,21 +167,21 @@ def test_missing_sources_are_named(tmp_path, tokenizer):
 
 def test_truncation_keeps_prompt_end_with_bos_and_completion_start(tokenizer):
     long_prompt = GOOD | {"prompt": "word " * 80 + "final question?"}
-    full, _ = data.tokenize_records([("x:1", long_prompt)], tokenizer, data.DataConfig(512))
+    full, _ = data.tokenize_records([("x:1", long_prompt)], tokenizer, data.DataSettings(512))
     full = full[0]
-    cfg = data.DataConfig(max_seq_length=40, max_prompt_length=20)
+    cfg = data.DataSettings(max_seq_length=40, max_prompt_length=20)
     (pair,), counts = data.tokenize_records([("x:1", long_prompt)], tokenizer, cfg)
     bos = tokenizer.bos_token_id
     assert pair.prompt.tolist() == [bos] + full.prompt.tolist()[-19:]
     assert counts["truncated:prompt"] == 1 and counts["truncated:completion"] == 0
-    tight = data.DataConfig(max_seq_length=22, max_prompt_length=20)
+    tight = data.DataSettings(max_seq_length=22, max_prompt_length=20)
     (pair,), counts = data.tokenize_records([("x:1", long_prompt)], tokenizer, tight)
     assert pair.chosen.tolist() == full.chosen.tolist()[:2]
     assert counts["truncated:completion"] == 1
-    too_small = data.DataConfig(max_seq_length=20, max_prompt_length=None)
+    too_small = data.DataSettings(max_seq_length=20, max_prompt_length=None)
     pairs, counts = data.tokenize_records([("x:1", long_prompt)], tokenizer, too_small)
     assert pairs == [] and counts["dropped:prompt_too_long"] == 1
-    strict = data.DataConfig(max_seq_length=40, max_prompt_length=20, truncation="error")
+    strict = data.DataSettings(max_seq_length=40, max_prompt_length=20, truncation="error")
     with pytest.raises(data.DataError, match="x:1: field 'prompt' has .* tokens, more than"):
         data.tokenize_records([("x:1", long_prompt)], tokenizer, strict)
 
@@ -189,7 +190,7 @@ def test_settings_from_config_reads_old_and_new_keys():
     from conftest import load_config
 
     config = load_config("tiny")
-    settings = data.settings_from_config(config.data, config.model.max_length)
+    settings = data_settings(config.data, config.model.max_length)
     assert settings.train_sources == (embedded.TRAIN_FILE,)
     assert settings.validation_sources == (("", embedded.VALIDATION_FILE),)
     assert settings.max_prompt_length == 48 and settings.on_error == "raise"
@@ -203,17 +204,17 @@ def test_settings_from_config_reads_old_and_new_keys():
         "cache_dir": "none",
         "bucket_lengths": "auto",
     }
-    settings = data.settings_from_config(new)
+    settings = data_settings(new)
     assert settings.train_sources == ("a.jsonl", "b.parquet") and settings.train_weights == (3, 1)
     assert settings.validation_sources == (("hh", "hf:x/y@test"),)
     assert settings.fields == (("prompt", "q"),) and settings.cache_dir is None
     with pytest.raises(data.DataError, match="exceeds model.max_length"):
-        data.settings_from_config(config.data, model_max_length=40)
+        data_settings(config.data, model_max_length=40)
 
 
 def test_first_version_api_still_works(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
-    pairs, counts = data.load_pairs(path, tokenizer, data.DataConfig(max_seq_length=64))
+    pairs, counts = data.load_pairs(path, tokenizer, data.DataSettings(max_seq_length=64))
     batches = list(data.eval_batches(pairs, batch_size=2, row_length=64, pad_id=0))
     assert [b["pair_mask"].sum() for b in batches] == [2, 1] and not counts
     stream = data.PairIterator(

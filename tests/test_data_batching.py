@@ -69,12 +69,12 @@ def test_packed_and_padded_give_the_same_loss(sliding_window):
     position (a shared rejected reply sits a chosen reply after its prompt in the row)."""
     import dataclasses
 
-    from conftest import load_config
+    from conftest import load_config, model_config_of
 
-    from dpo_jax import model, step, train
+    from dpo_jax import model, step
 
     config = load_config("tiny")
-    model_config = train.model_config_from(config)
+    model_config = model_config_of(config)
     model_config = dataclasses.replace(model_config, sliding_window=sliding_window)
     # Any weights do: random ones of the right shapes (no init compile), policy != reference.
     shapes = jax.eval_shape(functools.partial(model.init_params, model_config), jax.random.key(0))

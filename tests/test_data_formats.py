@@ -32,7 +32,7 @@ def tokenizer():
 
 
 def tokenize(tokenizer, records, **settings):
-    cfg = data.DataConfig(max_seq_length=settings.pop("max_seq_length", 256), **settings)
+    cfg = data.DataSettings(max_seq_length=settings.pop("max_seq_length", 256), **settings)
     pairs, _ = data.tokenize_records(
         [(f"d.jsonl:{i + 1}", r) for i, r in enumerate(records)], tokenizer, cfg
     )
@@ -185,7 +185,7 @@ def test_ranked_completions_best_worst_all_and_ties(tokenizer):
     records = [
         (f"r:{i}", r) for i, r in enumerate([ranked([0, 1, 1]), ranked([0, 0]), ranked([1, 0])])
     ]
-    cfg = data.DataConfig(max_seq_length=256, ranked_ties="skip", ranked_pairs="all")
+    cfg = data.DataSettings(max_seq_length=256, ranked_ties="skip", ranked_pairs="all")
     pairs, _ = data.tokenize_records(records, tokenizer, cfg)
     assert len(pairs) == 3  # [0,1,1] → 2 pairs (one tie left out); [0,0] → none; [1,0] → 1
 
@@ -242,5 +242,5 @@ def test_conversation_without_chat_template_is_an_error(tokenizer):
 def test_layout_detection(tmp_path, tokenizer, record, layout):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(record) + "\n")
-    _, report = data.load_source(str(path), tokenizer, data.DataConfig(max_seq_length=64))
+    _, report = data.load_source(str(path), tokenizer, data.DataSettings(max_seq_length=64))
     assert report["format"] == layout and report["pairs"] == 1

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from dpo_jax import data, embedded
 from dpo_jax.data import bench, pipeline
+from dpo_jax.settings import data_settings
 
 # The data keys the trainer's config gains (defaults), for a config wrapper until they are in
 # configs/tiny.py; keys the config already has are left alone.
@@ -87,7 +88,7 @@ def settings(files, cache_dir, **overrides):
         "max_prompt_length": 48,
         "cache_dir": str(cache_dir),
     } | overrides
-    return data.settings_from_config(values)
+    return data_settings(values)
 
 
 def test_build_data_sources_mixture_named_evals_and_report(files, tmp_path, tokenizer):
@@ -153,8 +154,8 @@ def test_second_run_reuses_the_tokenization_cache(files, tmp_path, tokenizer, mo
 def test_worker_processes_tokenize_the_same(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(lines(embedded.TRAIN_FILE, 2000)))
-    one, _ = data.load_source(str(path), tokenizer, data.DataConfig(80, 48, num_proc=1))
-    two, _ = data.load_source(str(path), tokenizer, data.DataConfig(80, 48, num_proc=2))
+    one, _ = data.load_source(str(path), tokenizer, data.DataSettings(80, 48, num_proc=1))
+    two, _ = data.load_source(str(path), tokenizer, data.DataSettings(80, 48, num_proc=2))
     assert [p.source for p in one] == [p.source for p in two]
     assert all(np.array_equal(a.chosen, b.chosen) for a, b in zip(one, two, strict=True))
 

@@ -2,17 +2,18 @@
 
 import jax
 import pytest
-from conftest import load_config
+from conftest import load_config, model_config_of
 
-from dpo_jax import memory, model, sharding, train
+from dpo_jax import memory, model, optim, settings, sharding, state
 
 
 def abstract_state(config, mesh):
-    model_config = train.model_config_from(config)
-    optimizer, _ = train.build_optimizer(config, total_steps=10)
-    shardings = train.state_shardings(model_config, optimizer, mesh, sharding.DEFAULT_RULES)
-    state = train.init_state(config, model_config, optimizer, shardings)
-    return model_config, state
+    s = settings.from_config(config)
+    model_config = state.model_config(s.model)
+    optimizer = optim.make_optimizer(s.optim.for_steps(10))
+    shardings = state.state_shardings(model_config, optimizer, mesh, sharding.DEFAULT_RULES)
+    train_state = state.init_state(s.model, model_config, s.loop.seed, optimizer, shardings)
+    return model_config, train_state
 
 
 def test_sharded_state_bytes_are_exact():
@@ -31,7 +32,7 @@ def test_sharded_state_bytes_are_exact():
 
 def test_remat_lowers_the_activation_estimate():
     config = load_config("tiny")
-    model_config = train.model_config_from(config)
+    model_config = model_config_of(config)
     sizes = {
         policy: memory.activation_bytes(
             model.ModelConfig(**(vars(model_config) | {"remat_policy": policy})),

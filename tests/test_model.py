@@ -403,6 +403,7 @@ def _fake_cudnn_module(calls):
     cuDNN writes nothing (outputs, and dq/dk/dv, of tokens outside every segment)."""
     fa = _cudnn_fa()
 
+    @jax.numpy_rank_promotion("allow")  # a test's stand-in, not package code
     def dot_product_attention(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, **kw):
         calls.append(
             dict(kw, kv_heads=k.shape[2], same=(q_seqlen is kv_seqlen, q_offsets is kv_offsets))

@@ -18,11 +18,12 @@ from conftest import (
     assert_rows_close,
     fast_config,
     load_config,
+    model_config_of,
     read_metrics,
     train_rows,
 )
 
-from dpo_jax import sharding, train
+from dpo_jax import optim, settings, sharding, state, train
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,12 @@ def test_step0_loss_is_ln2_and_training_learns(baseline):
 def test_reference_params_bit_identical_after_training(baseline, small_validation):
     _, result = baseline
     # A fresh initial state built exactly as the trainer builds it (same jitted init).
-    config = fast_config(small_validation)
-    model_config = train.model_config_from(config)
-    optimizer, _ = train.build_optimizer(config, total_steps=6)
+    s = settings.from_config(fast_config(small_validation))
+    model_config = state.model_config(s.model)
+    optimizer = optim.make_optimizer(s.optim.for_steps(6))
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
-    shardings = train.state_shardings(model_config, optimizer, mesh, sharding.DEFAULT_RULES)
-    fresh = train.init_state(config, model_config, optimizer, shardings).params
+    shardings = state.state_shardings(model_config, optimizer, mesh, sharding.DEFAULT_RULES)
+    fresh = state.init_state(s.model, model_config, s.loop.seed, optimizer, shardings).params
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), result.state.params, fresh)
     assert any(jax.tree.leaves(moved)), "the policy did not train"
     jax.tree.map(np.testing.assert_array_equal, result.ref_params, fresh)
@@ -159,14 +160,14 @@ def test_prefix_sharing_trains_like_separate_sequences(packed_baseline, small_va
 def test_segment_bound_reaches_the_model_only_for_plain_packing():
     def bound(**overrides):
         config = load_config("tiny", **{"model.attention_impl": "cudnn"} | overrides)
-        return train.model_config_from(config).max_segments_per_row
+        return model_config_of(config).max_segments_per_row
 
     packed = {"data.packing": True, "data.max_segments_per_row": 8}
     assert bound(**packed) == 8
     assert bound(**packed | {"data.prefix_sharing": True}) is None  # the mask path
     assert bound(**packed | {"data.packing": False}) is None
     assert bound() is None
-    with pytest.raises(train.ConfigError, match="data.max_segments_per_row=1"):
+    with pytest.raises(settings.ConfigError, match="data.max_segments_per_row=1"):
         bound(**packed | {"data.max_segments_per_row": 1})
 
 

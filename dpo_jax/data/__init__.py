@@ -35,13 +35,12 @@ from .formats import Example, Layout
 from .iterator import PairIterator, eval_batches
 from .pipeline import (
     Data,
-    DataConfig,
     DataSettings,
     build_data,
     length_stats,
     load_pairs,
     load_source,
-    settings_from_config,
+    pad_token_id,
     summary,
     tokenize_records,
 )
@@ -61,7 +60,6 @@ def read_records(path: str) -> list[tuple[str, object]]:
 
 __all__ = [
     "Data",
-    "DataConfig",
     "DataError",
     "DataSettings",
     "Example",
@@ -81,7 +79,7 @@ __all__ = [
     "padded_batch",
     "read_records",
     "resolve_buckets",
-    "settings_from_config",
+    "pad_token_id",
     "stack_batches",
     "summary",
     "tokenize_records",

@@ -17,10 +17,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax.hf_config import HFError, load_tokenizer
+from dpo_jax import settings
+from dpo_jax.hf_config import load_tokenizer
 
-from .pipeline import build_data, settings_from_config, summary
-from .problems import DataError
+from .pipeline import build_data, summary
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_integer("examples", 3, "Pairs of the first training step to print.")
@@ -68,19 +68,17 @@ def show_examples(tokenizer, batch: dict, count: int) -> str:
 
 def main(argv) -> None:
     del argv
-    config = FLAGS.config
-    t = config.training
     try:
-        tokenizer = load_tokenizer(config.data.get("tokenizer") or config.model.name)
-        settings = settings_from_config(config.data, config.model.max_length)
+        s = settings.from_config(FLAGS.config)
+        tokenizer = load_tokenizer(s.tokenizer)
         data = build_data(
-            settings,
+            s.data,
             tokenizer,
-            batch_size=t.batch_size,
-            accumulation_steps=t.gradient_accumulation_steps,
-            seed=t.seed,
+            batch_size=s.batch.batch_size,
+            accumulation_steps=s.batch.accumulation_steps,
+            seed=s.loop.seed,
         )
-    except (DataError, HFError) as error:
+    except settings.USER_ERRORS as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(data.report, indent=2))
     if FLAGS.report_out:

@@ -287,9 +287,11 @@ def packed_batch(
     row_length: int,
     pad_id: int,
     prefix_sharing: bool = False,
+    max_segments_per_row: int = 0,
 ) -> dict:
     """All of `pairs` packed into one micro-batch of num_rows rows (pair p keeps slot p), as
-    separate sequences or as prefix-shared groups. Raises DataError when they do not fit."""
+    separate sequences or as prefix-shared groups, at most `max_segments_per_row` sequences
+    per row when > 0. Raises DataError when they do not fit."""
     (plan,), left = pack_step(
         range(len(pairs)),
         *pair_parts(pairs, prefix_sharing),
@@ -297,6 +299,7 @@ def packed_batch(
         rows=num_rows,
         row_length=row_length,
         pair_slots=num_pairs,
+        max_segments_per_row=max_segments_per_row,
     )
     if left:
         raise DataError(

@@ -125,6 +125,11 @@ class PairIterator:
         self._plan: tuple[int, list] | None = None  # (epoch, packed steps) of the last epoch
         self._steps: dict[int, int] = {}  # packed steps per epoch
 
+    def attach_reference(self, table: np.ndarray) -> None:
+        """Precomputed reference log-probs [pairs, 2] of `self.pairs`: every batch from now
+        on carries its pairs' rows as ref_logps."""
+        self.reference_logps = table
+
     @property
     def pair_tokens(self) -> np.ndarray:
         """Row tokens each pair takes: both sequences, or its prefix-shared group."""

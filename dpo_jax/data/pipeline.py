@@ -1,7 +1,7 @@
 """Settings → sources → cached tokenized pairs → the training stream, eval sets and report.
 
-`build_data` is the one entry point of the trainer; `settings_from_config` turns the loose
-`config.data` into typed DataSettings once, at the entry point.
+`build_data` is the one entry point of the trainer (dpo_jax.settings turns the loose
+`config.data` into these typed DataSettings once, at the entry point).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import cache
 from .formats import LAYOUTS, SKIPPED_TIE, Example, Layout, detect
 from .iterator import PairIterator
 from .problems import DataError, Problems, RecordError
-from .sources import open_source, parse_mapping, resolve_source, split_list
+from .sources import open_source, resolve_source
 from .tokens import Lengths, Renderer, TokenizedPair, pairs_from_table, tokenize_examples
 from .tokens import tokenizer_fingerprint as tokenizer_fingerprint
 
@@ -68,50 +68,6 @@ class DataSettings:
     @property
     def lengths(self) -> Lengths:
         return Lengths(self.max_seq_length, self.max_prompt_length, self.truncation)
-
-
-DataConfig = DataSettings  # the first version's name
-
-
-def settings_from_config(d, model_max_length: int | None = None) -> DataSettings:
-    """`config.data` (a ConfigDict or dict; keys it lacks take their defaults) → settings."""
-    get = lambda key, default=None: d.get(key, default) if hasattr(d, "get") else default
-    max_seq_length = int(get("max_seq_length"))
-    if model_max_length is not None and max_seq_length > model_max_length:
-        raise DataError(
-            f"config data.max_seq_length={max_seq_length} exceeds model.max_length="
-            f"{model_max_length}; lower one or raise the other"
-        )
-    validation = [("", spec) for spec in split_list(get("validation_file", ""))][:1]
-    validation += list(parse_mapping(get("validation_files", ""), "data.validation_files").items())
-    cache_dir = get("cache_dir", "")
-    weights = tuple(float(w) for w in split_list(get("train_weights", "")))
-    buckets = get("bucket_lengths", "")
-    return DataSettings(
-        max_seq_length=max_seq_length,
-        max_prompt_length=int(get("max_prompt_length") or 0) or None,
-        apply_chat_template=bool(get("apply_chat_template", True)),
-        train_sources=tuple(split_list(get("train_file", ""))),
-        train_weights=weights,
-        validation_sources=tuple(validation),
-        format=str(get("format", "auto")),
-        fields=tuple(parse_mapping(get("fields", ""), "data.fields").items()),
-        roles=tuple(parse_mapping(get("roles", ""), "data.roles").items()),
-        system_prompt=str(get("system_prompt", "") or ""),
-        ranked_pairs=str(get("ranked_pairs", "best_worst")),
-        ranked_ties=str(get("ranked_ties", "error")),
-        truncation=str(get("truncation", "truncate")),
-        on_error=str(get("on_error", "raise")),
-        packing=bool(get("packing", False)),
-        packed_rows=int(get("packed_rows", 0)),
-        packed_pairs=int(get("packed_pairs", 0)),
-        prefix_sharing=bool(get("prefix_sharing", False)),
-        max_segments_per_row=int(get("max_segments_per_row", 0)),
-        bucket_lengths=buckets if isinstance(buckets, str) else tuple(buckets),
-        shuffle=bool(get("shuffle", True)),
-        num_proc=int(get("num_proc", 0)),
-        cache_dir=None if cache_dir == "none" else (cache_dir or cache.default_cache_dir()),
-    )
 
 
 # ------------------------------------------------------------------------ one source
@@ -337,7 +293,7 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------ the first version's API
+# ------------------------------------------------- single sources (evaluation, tests)
 
 
 def tokenize_records(records, tokenizer, cfg: DataSettings) -> tuple[list[TokenizedPair], Counter]:

@@ -1,30 +1,33 @@
-"""Shared settings of the real-model DPO configs (configs/llama3_2_1b.py, qwen2_5_0_5b.py, ...).
-
-Not run by itself. The values are Llama-3.2-1B's; each model's config file overrides what
-differs (model name, remat, micro-batching, learning rate, ...) through `with_overrides`.
+"""The config schema, written once: every key with its default and a comment saying what it
+means. The defaults are the real-model ones (Llama-3.2-1B on UltraFeedback, one 8-GPU host);
+configs/*.py start from `default_config()` and set only what differs. dpo_jax.settings turns
+a config into typed settings.
 """
+
+from __future__ import annotations
 
 import ml_collections
 
 from dpo_jax.sharding import DEFAULT_RULES
 
 
-def get_config() -> ml_collections.ConfigDict:
+def default_config() -> ml_collections.ConfigDict:
+    """Every key with its default (Llama-3.2-1B on UltraFeedback, one 8-GPU host)."""
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "meta-llama/Llama-3.2-1B-Instruct"  # HF hub id or local folder
-    c.model.init = "pretrained"  # weights of model.name (safetensors / flax_model.msgpack)
+    c.model.init = "pretrained"  # weights of model.name ("random": fresh, from training.seed)
     c.model.max_length = 2048  # longest sequence the model is run on
-    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.dtype = "bfloat16"  # compute dtype ("float32" on CPU)
     c.model.param_dtype = "float32"  # master weights
     c.model.attention_impl = "cudnn"  # cuDNN flash attention on GPU ("xla" elsewhere)
     c.model.remat_policy = "dots_saveable"  # none | dots_saveable | full
-    c.model.logits_chunk_size = 8192  # vocabulary chunk of the log-prob (128k vocab)
+    c.model.logits_chunk_size = 8192  # vocabulary chunk of the log-prob (bounds logits memory)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_file = "hf:HuggingFaceH4/ultrafeedback_binarized@train_prefs"  # 61k pairs
-    c.data.validation_file = "hf:HuggingFaceH4/ultrafeedback_binarized@test_prefs"  # 2k pairs
+    c.data.validation_file = "hf:HuggingFaceH4/ultrafeedback_binarized@test_prefs"  # "" = none
     c.data.tokenizer = ""  # "" = the tokenizer in model.name
     c.data.max_seq_length = 2048  # prompt + completion tokens per sequence (row length)
     c.data.max_prompt_length = 1024  # prompts keep their last this-many tokens (0 = no limit)
@@ -37,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.system_prompt = ""  # prepended as a system turn when the data has none
     c.data.ranked_pairs = "best_worst"  # ranked completions -> pairs
     c.data.ranked_ties = "error"  # error | skip: never a pair with equal ranks
-    c.data.truncation = "truncate"  # truncate | drop: what to do with over-long pairs
+    c.data.truncation = "truncate"  # truncate | error: what to do with over-long pairs
     c.data.on_error = "raise"  # raise: stop at the first bad record; skip: count and go on
     c.data.packing = False  # pack whole pairs into rows (segment ids) instead of padding
     c.data.packed_rows = 0  # rows per micro-batch when packing (0 = automatic)
@@ -57,21 +60,21 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 64  # pairs per optimizer step (all devices, all micro-batches)
-    c.training.gradient_accumulation_steps = 2  # 8 GPUs x 8 rows per micro-batch
+    c.training.gradient_accumulation_steps = 2  # micro-batches per step (8 GPUs x 8 rows)
     c.training.learning_rate = 1e-6  # peak
     c.training.num_epochs = 1
     c.training.max_steps = -1  # > 0 overrides num_epochs
-    c.training.warmup_steps = 100  # ~10% of the ~950 steps of one epoch
+    c.training.warmup_steps = 100  # linear from 0 to the peak (~10% of one epoch)
     c.training.lr_schedule = "cosine"  # cosine | linear | constant, after warmup
-    c.training.min_lr_ratio = 0.0
+    c.training.min_lr_ratio = 0.0  # the decay ends at this fraction of the peak
     c.training.weight_decay = 0.0
-    c.training.max_grad_norm = 1.0
+    c.training.max_grad_norm = 1.0  # global-norm clipping (0 = off)
     c.training.adam_b1 = 0.9
     c.training.adam_b2 = 0.999
     c.training.adam_eps = 1e-8
     # bfloat16 moments halve the optimizer memory (stochastic rounding keeps them unbiased)
     c.training.optimizer_state_dtype = "float32"  # float32 | bfloat16
-    c.training.seed = 0  # data order
+    c.training.seed = 0  # init and data order
     c.training.beta = 0.1  # DPO temperature: larger = stay closer to the reference
     c.training.loss_type = "sigmoid"  # a name or "a,b" / a list; see dpo_jax.losses.LOSSES
     c.training.loss_weights = ""  # one per loss_type ("" = all 1.0)
@@ -83,13 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.preference_average_log_probs = False  # length-normalise the preference logps
     c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
     c.training.preference_loss_weight = 1.0
-    c.training.sft_loss_weight = 0.0  # adds NLL of the chosen response (RPO-style)
+    c.training.sft_loss_weight = 0.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
     c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})
     c.training.gradient_checkpointing = True  # remat the layers (model.remat_policy)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # pure data parallelism
-    c.mesh.fsdp = -1  # parameter + data sharding over every device
+    c.mesh.fsdp = -1  # parameter + data sharding (-1 = the remaining devices)
     c.mesh.tensor = 1  # Megatron-style heads / mlp split
     c.mesh.rules = DEFAULT_RULES  # logical parameter axis → mesh axis
 
@@ -111,26 +114,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 200  # 0 = only at the end
     c.eval.batch_size = 64  # pairs per eval batch
     # Generated samples: replies to held-out prompts, reference next to policy, in
-    # DIR/samples.jsonl (a .jsonl of {"prompt"}; the checkers judge the embedded data only).
+    # DIR/samples.jsonl (a .jsonl of {"prompt"}), scored by a rule-based checker into
+    # eval/samples/*_preferred_rate when one is named.
     c.eval.sample_prompts_file = ""  # "" = no samples
     c.eval.sample_every_steps = 0  # 0 = at the end only; -1 = never
     c.eval.num_sample_prompts = 64  # -1 = all prompts in the file
     c.eval.sample_max_new_tokens = 256
     c.eval.sample_temperature = 0.7  # 0 = greedy
     c.eval.sample_top_k = 0  # 0 = off
-    c.eval.sample_top_p = 0.95  # 1 = off
+    c.eval.sample_top_p = 0.95  # nucleus sampling (1 = off)
     c.eval.sample_seed = 0
     c.eval.sample_checker = ""  # "" = none; see dpo_jax.samples.CHECKERS
     return c
 
 
-def with_overrides(overrides: dict):
-    """The shared config with dotted keys replaced ({"model.name": ..., ...})."""
-    c = get_config()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return c
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict):
+    """`config` with dotted keys replaced ({"model.name": ..., ...}); unknown keys fail."""
+    config.update_from_flattened_dict(overrides)
+    return config

@@ -1,0 +1,470 @@
+"""The one boundary between config and code: the ConfigDict → frozen typed settings
+conversion, raising each config error as one line (key, value, what is allowed). Only the
+CLIs' main() and this module read a ConfigDict's keys; everything else takes the settings
+below or plain values. The keys themselves, with their defaults, are dpo_jax.schema's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import ml_collections
+
+from dpo_jax import generate, hf, optim
+from dpo_jax.data import DataError, DataSettings
+from dpo_jax.data import cache as data_cache
+from dpo_jax.data.sources import parse_mapping, split_list
+from dpo_jax.sharding import MeshError, mesh_rules
+from dpo_jax.step import LossConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key."""
+
+
+# Errors caused by the user's config, data or files: the CLIs print them as one line.
+USER_ERRORS = (ConfigError, DataError, hf.HFError, MeshError, MemoryError)
+
+
+# ------------------------------------------------------------------------ the settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    name: str  # HF folder or hub id
+    init: str  # pretrained | random
+    max_length: int
+    dtype: str
+    param_dtype: str
+    attention_impl: str | None  # None = XLA
+    remat_policy: str
+    # Sequences per packed row at most, when cuDNN's packed layout may use it (None = mask).
+    max_segments_per_row: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSettings:
+    batch_size: int  # pairs per optimizer step
+    accumulation_steps: int
+    eval_batch_size: int  # pairs per eval batch
+    prefetch: int  # host batches placed ahead of the step
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Padded rows per micro-batch: chosen and rejected of each of its pairs."""
+        return 2 * self.batch_size // self.accumulation_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    data: int
+    fsdp: int
+    tensor: int
+    rules: tuple  # ((logical name, mesh axis | (axes…) | None), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    seed: int  # init and data order
+    num_epochs: int
+    max_steps: int  # > 0 overrides num_epochs
+    log_every: int
+    eval_every: int  # 0 = only at the end
+    checkpoint_every: int
+
+    def total_steps(self, steps_of_epochs) -> int:
+        """max_steps, or the steps of num_epochs (`steps_of_epochs(n)` from the data)."""
+        return self.max_steps if self.max_steps > 0 else steps_of_epochs(self.num_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    max_to_keep: int
+    async_save: bool
+    export_hf: bool
+    export_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSettings:
+    tensorboard: bool
+    wandb: bool
+    wandb_project: str
+    report: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    prompts_file: str  # "" = no samples
+    every_steps: int  # 0 = at the end only; -1 = never
+    num_prompts: int  # -1 = all
+    sampling: generate.SamplingConfig
+    checker: str  # "" = none
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """optim.OptimConfig without the schedule length, which the data decides."""
+
+    learning_rate: float
+    warmup_steps: int
+    schedule: str
+    min_lr_ratio: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    max_grad_norm: float
+    state_dtype: str
+
+    def for_steps(self, total_steps: int) -> optim.OptimConfig:
+        return optim.OptimConfig(total_steps=total_steps, **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model: ModelSettings
+    loss: LossConfig
+    optim: OptimSettings
+    data: DataSettings
+    tokenizer: str  # data.tokenizer or model.name
+    batch: BatchSettings
+    mesh: MeshSettings
+    loop: LoopSettings
+    checkpoint: CheckpointSettings
+    logging: LoggingSettings
+    samples: SampleSettings
+    precompute_reference: bool  # reference log-probs computed once, not in the step
+    resolved: dict  # the whole config as JSON values (config.json, checkpoints, W&B)
+
+    @property
+    def reference_on_device(self) -> bool:
+        """Whether frozen reference weights sit next to the policy (its forward in the step)."""
+        return self.loss.needs_reference and not self.precompute_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The benchmark's own keys (config.bench): the synthetic workload and its timing."""
+
+    preset: str  # tiny | a dpo_jax.bench.PRESETS name
+    lengths: str  # fixed | hh
+    prompt_length: int  # fixed lengths only
+    completion_length: int
+    warmup_steps: int  # untimed steps after compilation
+    steps: int  # timed steps (median reported)
+    seed: int  # pair generator
+
+
+# ------------------------------------------------------------------------ conversion
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r}: {allowed}")
+
+
+def _get(section, key: str, default=None):
+    return section.get(key, default) if hasattr(section, "get") else default
+
+
+def _number(section, name: str, key: str, cast, default=None):
+    """section.<name> as `cast` (int or float), or a ConfigError naming the key."""
+    value = _get(section, name, default)
+    try:
+        if cast is int and (isinstance(value, bool) or float(value) != int(value)):
+            raise ValueError
+        number = cast(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if cast is int else "a number"
+        raise ConfigError(f"config {key}={value!r}: expected {kind}") from None
+    if cast is float and not math.isfinite(number):
+        raise ConfigError(f"config {key}={value!r}: expected a finite number")
+    return number
+
+
+def as_tuple(value, cast):
+    """Config lists may be given as a list or a comma-separated string (CLI overrides)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    return tuple(cast(v) for v in value)
+
+
+def packed_segments_bound(d) -> int | None:
+    """The bound on sequences per packed row that cuDNN's packed layout relies on, or None
+    (every other case: the mask). The packer enforces the same bound (data batching)."""
+    bound = _number(d, "max_segments_per_row", "data.max_segments_per_row", int, 0)
+    if bound == 0 or not _get(d, "packing", False) or _get(d, "prefix_sharing", False):
+        return None
+    _check(
+        bound >= 2,
+        "data.max_segments_per_row",
+        bound,
+        "use 0 (no bound) or at least 2; one sequence per row is padding (data.packing=False)",
+    )
+    return bound
+
+
+def model_settings(config) -> ModelSettings:
+    m = config.model
+    remat = m.remat_policy
+    if _get(config.training, "gradient_checkpointing", False) and remat == "none":
+        remat = "full"
+    _check(
+        m.init in ("pretrained", "random"),
+        "model.init",
+        m.init,
+        "use 'pretrained' (weights from model.name) or 'random' (fresh weights from training.seed)",
+    )
+    _check(
+        _number(m, "max_length", "model.max_length", int) > 0,
+        "model.max_length",
+        m.max_length,
+        "a positive number of tokens",
+    )
+    return ModelSettings(
+        name=str(m.name),
+        init=str(m.init),
+        max_length=int(m.max_length),
+        dtype=str(m.dtype),
+        param_dtype=str(m.param_dtype),
+        attention_impl=m.attention_impl or None,
+        remat_policy=remat,
+        max_segments_per_row=packed_segments_bound(config.data),
+    )
+
+
+def loss_settings(config) -> LossConfig:
+    t = config.training
+    beta = _number(t, "beta", "training.beta", float)
+    _check(beta > 0, "training.beta", beta, "a positive number (DPO's temperature, e.g. 0.1)")
+    chunk = _number(config.model, "logits_chunk_size", "model.logits_chunk_size", int)
+    _check(chunk > 0, "model.logits_chunk_size", chunk, "a positive number of vocabulary rows")
+    return LossConfig(
+        loss_type=as_tuple(t.loss_type, str),
+        loss_weights=as_tuple(t.loss_weights, float),
+        beta=beta,
+        label_smoothing=_number(t, "label_smoothing", "training.label_smoothing", float),
+        reference_free=bool(t.reference_free),
+        preference_average_log_probs=bool(t.preference_average_log_probs),
+        sft_average_log_probs=bool(t.sft_average_log_probs),
+        preference_loss_weight=float(t.preference_loss_weight),
+        sft_loss_weight=float(t.sft_loss_weight),
+        hparams=tuple(sorted((k, float(v)) for k, v in t.loss_hparams.items())),
+        logits_chunk_size=chunk,
+    )
+
+
+def optim_settings(t) -> OptimSettings:
+    number = lambda name, cast=float: _number(t, name, f"training.{name}", cast)  # noqa: E731
+    lr = number("learning_rate")
+    _check(lr >= 0, "training.learning_rate", lr, "a learning rate >= 0 (e.g. 1e-6)")
+    warmup = number("warmup_steps", int)
+    _check(warmup >= 0, "training.warmup_steps", warmup, "a number of steps >= 0")
+    return OptimSettings(
+        learning_rate=lr,
+        warmup_steps=warmup,
+        schedule=str(t.lr_schedule),
+        min_lr_ratio=number("min_lr_ratio"),
+        weight_decay=number("weight_decay"),
+        b1=number("adam_b1"),
+        b2=number("adam_b2"),
+        eps=number("adam_eps"),
+        max_grad_norm=number("max_grad_norm"),
+        state_dtype=str(t.optimizer_state_dtype),
+    )
+
+
+def data_settings(d, model_max_length: int | None = None) -> DataSettings:
+    """`config.data` (a ConfigDict or dict; keys it lacks take their defaults) → settings."""
+    get = lambda key, default=None: _get(d, key, default)  # noqa: E731
+    max_seq_length = _number(d, "max_seq_length", "data.max_seq_length", int)
+    _check(max_seq_length > 0, "data.max_seq_length", max_seq_length, "a positive number")
+    if model_max_length is not None and max_seq_length > model_max_length:
+        raise DataError(  # what the data pipeline raised first; its tests expect it
+            f"config data.max_seq_length={max_seq_length} exceeds model.max_length="
+            f"{model_max_length}; lower one or raise the other"
+        )
+    validation = [("", spec) for spec in split_list(get("validation_file", ""))][:1]
+    validation += list(parse_mapping(get("validation_files", ""), "data.validation_files").items())
+    cache_dir = get("cache_dir", "")
+    weights = tuple(float(w) for w in split_list(get("train_weights", "")))
+    buckets = get("bucket_lengths", "")
+    return DataSettings(
+        max_seq_length=max_seq_length,
+        max_prompt_length=int(get("max_prompt_length") or 0) or None,
+        apply_chat_template=bool(get("apply_chat_template", True)),
+        train_sources=tuple(split_list(get("train_file", ""))),
+        train_weights=weights,
+        validation_sources=tuple(validation),
+        format=str(get("format", "auto")),
+        fields=tuple(parse_mapping(get("fields", ""), "data.fields").items()),
+        roles=tuple(parse_mapping(get("roles", ""), "data.roles").items()),
+        system_prompt=str(get("system_prompt", "") or ""),
+        ranked_pairs=str(get("ranked_pairs", "best_worst")),
+        ranked_ties=str(get("ranked_ties", "error")),
+        truncation=str(get("truncation", "truncate")),
+        on_error=str(get("on_error", "raise")),
+        packing=bool(get("packing", False)),
+        packed_rows=int(get("packed_rows", 0)),
+        packed_pairs=int(get("packed_pairs", 0)),
+        prefix_sharing=bool(get("prefix_sharing", False)),
+        max_segments_per_row=int(get("max_segments_per_row", 0)),
+        bucket_lengths=buckets if isinstance(buckets, str) else tuple(buckets),
+        shuffle=bool(get("shuffle", True)),
+        num_proc=int(get("num_proc", 0)),
+        cache_dir=None if cache_dir == "none" else (cache_dir or data_cache.default_cache_dir()),
+    )
+
+
+def batch_settings(config) -> BatchSettings:
+    t = config.training
+    size = _number(t, "batch_size", "training.batch_size", int)
+    _check(size > 0, "training.batch_size", size, "a positive number of pairs per step")
+    accumulation = _number(
+        t, "gradient_accumulation_steps", "training.gradient_accumulation_steps", int
+    )
+    _check(
+        accumulation > 0 and size % accumulation == 0,
+        "training.gradient_accumulation_steps",
+        accumulation,
+        f"a positive divisor of training.batch_size={size}",
+    )
+    eval_size = _number(config.eval, "batch_size", "eval.batch_size", int)
+    _check(eval_size > 0, "eval.batch_size", eval_size, "a positive number of pairs per batch")
+    prefetch = _number(config.data, "prefetch", "data.prefetch", int, 0)
+    _check(prefetch >= 0, "data.prefetch", prefetch, "0 (off) or a number of batches")
+    return BatchSettings(size, accumulation, eval_size, prefetch)
+
+
+def mesh_settings(m) -> MeshSettings:
+    return MeshSettings(
+        data=_number(m, "data", "mesh.data", int),
+        fsdp=_number(m, "fsdp", "mesh.fsdp", int),
+        tensor=_number(m, "tensor", "mesh.tensor", int),
+        rules=mesh_rules(m.rules),
+    )
+
+
+def loop_settings(config) -> LoopSettings:
+    t = config.training
+    every = lambda section, key: _number(  # noqa: E731
+        config[section], key, f"{section}.{key}", int
+    )
+    loop = LoopSettings(
+        seed=_number(t, "seed", "training.seed", int),
+        num_epochs=_number(t, "num_epochs", "training.num_epochs", int),
+        max_steps=_number(t, "max_steps", "training.max_steps", int),
+        log_every=every("logging", "every_steps"),
+        eval_every=every("eval", "every_steps"),
+        checkpoint_every=every("checkpoint", "every_steps"),
+    )
+    _check(
+        loop.max_steps > 0 or loop.num_epochs > 0,
+        "training.num_epochs",
+        loop.num_epochs,
+        "a positive number of epochs (or set training.max_steps > 0)",
+    )
+    _check(loop.log_every > 0, "logging.every_steps", loop.log_every, "a positive number")
+    _check(
+        loop.checkpoint_every > 0,
+        "checkpoint.every_steps",
+        loop.checkpoint_every,
+        "a positive number of steps",
+    )
+    _check(loop.eval_every >= 0, "eval.every_steps", loop.eval_every, "0 (at the end) or more")
+    return loop
+
+
+def sample_settings(e) -> SampleSettings:
+    sampling = generate.SamplingConfig(
+        max_new_tokens=_number(e, "sample_max_new_tokens", "eval.sample_max_new_tokens", int),
+        temperature=_number(e, "sample_temperature", "eval.sample_temperature", float),
+        top_k=_number(e, "sample_top_k", "eval.sample_top_k", int),
+        top_p=_number(e, "sample_top_p", "eval.sample_top_p", float),
+        seed=_number(e, "sample_seed", "eval.sample_seed", int),
+    )
+    return SampleSettings(
+        prompts_file=str(e.sample_prompts_file or ""),
+        every_steps=_number(e, "sample_every_steps", "eval.sample_every_steps", int),
+        num_prompts=_number(e, "num_sample_prompts", "eval.num_sample_prompts", int),
+        sampling=sampling,
+        checker=str(e.sample_checker or ""),
+    )
+
+
+def from_config(config) -> Settings:
+    """Every section of a training config → Settings; the first bad value raises ConfigError."""
+    loss = loss_settings(config)
+    c = config.checkpoint
+    max_to_keep = _number(c, "max_to_keep", "checkpoint.max_to_keep", int)
+    _check(max_to_keep > 0, "checkpoint.max_to_keep", max_to_keep, "at least 1 checkpoint")
+    return Settings(
+        model=model_settings(config),
+        loss=loss,
+        optim=optim_settings(config.training),
+        data=data_settings(config.data, int(config.model.max_length)),
+        tokenizer=str(config.data.tokenizer or config.model.name),
+        batch=batch_settings(config),
+        mesh=mesh_settings(config.mesh),
+        loop=loop_settings(config),
+        checkpoint=CheckpointSettings(
+            max_to_keep=max_to_keep,
+            async_save=bool(c.async_save),
+            export_hf=bool(c.export_hf),
+            export_dtype=str(c.export_dtype),
+        ),
+        logging=LoggingSettings(
+            tensorboard=bool(config.logging.tensorboard),
+            wandb=bool(config.logging.wandb),
+            wandb_project=str(config.logging.wandb_project),
+            report=bool(config.logging.report),
+        ),
+        samples=sample_settings(config.eval),
+        precompute_reference=loss.needs_reference
+        and bool(config.training.precompute_ref_log_probs),
+        resolved=resolved(config),
+    )
+
+
+def resolved(config) -> dict:
+    """The config as JSON values (what config.json and the checkpoints hold)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def to_json(config) -> str:
+    return config.to_json_best_effort(indent=2)
+
+
+def from_json(values: dict) -> ml_collections.ConfigDict:
+    """A run's config.json (or a checkpoint's config) back to a ConfigDict."""
+    return ml_collections.ConfigDict(values)
+
+
+def bench_settings(config) -> BenchSettings:
+    if "bench" not in config:
+        raise ConfigError(
+            "config has no bench section: run the benchmark with --config configs/bench.py"
+            "[:preset] (training configs time nothing)"
+        )
+    b = config.bench
+    number = lambda name: _number(b, name, f"bench.{name}", int)  # noqa: E731
+    _check(b.lengths in ("fixed", "hh"), "bench.lengths", b.lengths, "choose fixed or hh")
+    result = BenchSettings(
+        preset=str(b.preset),
+        lengths=str(b.lengths),
+        prompt_length=number("prompt_length"),
+        completion_length=number("completion_length"),
+        warmup_steps=number("warmup_steps"),
+        steps=number("steps"),
+        seed=number("seed"),
+    )
+    _check(result.steps > 0, "bench.steps", result.steps, "at least 1 timed step")
+    _check(result.warmup_steps >= 0, "bench.warmup_steps", result.warmup_steps, "0 or more")
+    return result
