@@ -1,13 +1,54 @@
-"""Orbax checkpoints of the train state, the data position and the config; auto-resume."""
+"""Orbax checkpoints of the train state, the data position and the config; auto-resume;
+pre-emption (SIGTERM, Ctrl-C); one run per workdir."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import time
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from dpo_jax import faults
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir can be restored, and why."""
+
+
+class WorkdirBusy(RuntimeError):
+    """Another run holds the workdir."""
+
+
+class WorkdirLock:
+    """An exclusive lock on DIR/.lock for the life of a run (process 0 only). The kernel
+    drops it when the process ends, however it ends, so a crash never leaves it stale."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self.file = open(self.path, "a+")  # noqa: SIM115  (held until release)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise WorkdirBusy(
+                f"{workdir} is in use by another run ({holder}); wait for it to end or use "
+                "another --workdir"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
 
 
 class Checkpointer:
@@ -27,7 +68,7 @@ class Checkpointer:
                 create=True,
             ),
         )
-        self.preempted = False
+        self.stop_signal = None  # the signal that asked the run to save and stop
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -42,6 +83,7 @@ class Checkpointer:
         ).config
 
     def save(self, step: int, state, data_position: dict, config: dict) -> None:
+        faults.before_save(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -51,6 +93,7 @@ class Checkpointer:
             ),
             force=True,
         )
+        faults.during_save(step)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restores onto the shardings held by `abstract_state` (ShapeDtypeStructs)."""
@@ -62,6 +105,46 @@ class Checkpointer:
             ),
         )
         return restored.state, restored.data
+
+    def restore_latest_intact(self, abstract_state, log=print) -> tuple[int, object, dict]:
+        """(step, state, data position) of the newest checkpoint that restores. A damaged
+        one (a truncated or deleted file) is reported and the next older one tried; process
+        0 then moves the damaged ones aside (checkpoints/damaged-<step>-<time>, for a look) so
+        that training can write their steps again."""
+        problems, damaged = [], []
+        for step in reversed(self.steps()):
+            try:
+                state, position = self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001  (Orbax raises many kinds)
+                reason = " ".join(str(error).split())[:200] or type(error).__name__
+                problems.append(f"step {step}: {reason}")
+                damaged.append(step)
+                log(f"checkpoint {step} cannot be restored ({reason}); trying an older one")
+                continue
+            if damaged:
+                multihost_utils.sync_global_devices("damaged checkpoints read")
+                if jax.process_index() == 0:
+                    for bad in damaged:
+                        aside = f"damaged-{bad}-{time.strftime('%Y%m%d-%H%M%S')}"
+                        os.replace(
+                            os.path.join(self.directory, str(bad)),
+                            os.path.join(self.directory, aside),
+                        )
+                self.manager.reload()  # forget the steps just moved
+            return step, state, position
+        raise CheckpointError(
+            f"{self.directory}: no checkpoint can be restored ({'; '.join(problems)}); move "
+            "the folder away to start afresh"
+        )
+
+    def latest_config(self) -> dict | None:
+        """The config of the newest checkpoint whose config reads (None: nothing to resume)."""
+        for step in reversed(self.steps()):
+            try:
+                return self.read_config(step)
+            except Exception:  # noqa: BLE001, S112  (a damaged step: the older one decides)
+                continue
+        return None
 
     def restore_params(self, step: int, abstract_params):
         """The policy parameters alone (the optimizer state is never read), onto the
@@ -81,21 +164,29 @@ class Checkpointer:
         return restored.state["params"]
 
     def watch_preemption(self) -> None:
-        """On SIGTERM (what SLURM and Kubernetes send before a kill) finish the current step,
-        save, and exit; the same command then resumes."""
+        """On SIGTERM (what SLURM and Kubernetes send before a kill) or Ctrl-C, finish the
+        current step, save, and exit; the same command then resumes. A second Ctrl-C stops
+        at once (KeyboardInterrupt): the last complete checkpoint is what a resume uses."""
 
         def handler(signum, frame):
-            self.preempted = True
+            self.stop_signal = signum
+            if signum == signal.SIGINT:
+                print("\nstopping: saving at the end of this step (Ctrl-C again: stop now)")
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and exit now. With several processes every one must reach the
         same answer at the same step, so JAX's preemption sync point decides (the
         distributed runtime installs its own SIGTERM notice)."""
         if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.preempted
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.stop_signal = self.stop_signal or signal.SIGTERM
+                return True
+            return False
+        return self.stop_signal is not None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -61,21 +61,39 @@ class MetricsWriter:
             print(f"eval  {step:5d} | {shown}", flush=True)
 
 
+class LogError(ValueError):
+    """A log file of the workdir that cannot be continued, and where."""
+
+
 def truncate_logs_after(workdir: str, step: int) -> None:
     """On resume, drop log rows written after the checkpoint (they will be recomputed).
-    Eval and sample rows of the checkpoint's own step stay: they ran before it was saved."""
+    Eval and sample rows of the checkpoint's own step stay: they ran before it was saved.
+    A last line cut short (the run was killed while writing it) is dropped too; a damaged
+    line before it is an error naming the line."""
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(workdir, name)
         if not os.path.exists(path):
             continue
-
-        def keep(row):
-            return row["step"] < step or (row["step"] == step and "loss" not in row)
-
-        with open(path, encoding="utf-8") as f:
-            rows = [line for line in f if line.strip() and keep(json.loads(line))]
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(rows)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                row_step = row["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):  # the write the kill interrupted
+                    break
+                raise LogError(
+                    f"{path}:{number}: not a metrics row ({line.strip()[:80]!r}); delete that "
+                    "line to resume"
+                ) from None
+            if row_step < step or (row_step == step and "loss" not in row):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        temporary = path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(temporary, path)  # a crash here leaves the old file, never half of it
 
 
 def split_metrics(metrics: dict) -> dict[str, dict[str, float]]:

@@ -180,19 +180,26 @@ def cache_dir_for(data_cache_dir: str | None, workdir: str) -> str:
 def precompute(
     logps_fn: Callable,
     params,
-    named_pairs: dict[str, Sequence[TokenizedPair]],
+    train_pairs: Sequence[TokenizedPair],
+    eval_sets: dict[str, Sequence[TokenizedPair]],
     *,
     model_config,
     batches: Callable[[Sequence[TokenizedPair]], Iterable[dict]],
     batch_size: int,
     mesh,
     cache_dir: str,
-) -> dict[str, np.ndarray]:
-    """Reference log-probs of every named pair set from `params` (the initial policy, which
-    is the reference); `logps_fn(params, placed batch)` is the jitted per-sequence forward.
-    Process 0 prints what was loaded or computed."""
-    return precompute_tables(
-        named_pairs,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Reference log-probs of the training pairs and of every eval set (by name; "" = the
+    validation file) from `params` (the initial policy, which is the reference);
+    `logps_fn(params, placed batch)` is the jitted per-sequence forward. Process 0 prints
+    what was loaded or computed."""
+    named = {"training data": train_pairs}
+    named |= {
+        f"eval set {name!r}" if name else "validation data": pairs
+        for name, pairs in eval_sets.items()
+    }
+    tables = precompute_tables(
+        named,
         weights_fingerprint=params_fingerprint(params, mesh),
         model_config=model_config,
         logps_fn=functools.partial(logps_fn, params),
@@ -202,3 +209,5 @@ def precompute(
         cache_dir=cache_dir,
         log=lambda line: print(line, flush=True) if jax.process_index() == 0 else None,
     )
+    train_table = tables.pop("training data")
+    return train_table, dict(zip(eval_sets, tables.values(), strict=True))

@@ -43,11 +43,27 @@ class LossConfig:
         return not self.reference_free and not set(self.loss_type) <= REFERENCE_FREE_LOSSES
 
 
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradients were not finite (training.nonfinite=stop)."""
+
+
+def _no_steps() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
+def _never() -> jax.Array:
+    return jnp.full((), -1, jnp.int32)
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    # Steps whose loss or gradients were not finite (their update was not applied), and the
+    # first such step (-1: none). Checked in the step; the host reads them with the metrics.
+    nonfinite_steps: jax.Array = dataclasses.field(default_factory=_no_steps)
+    first_nonfinite_step: jax.Array = dataclasses.field(default_factory=_never)
 
 
 def sequence_stats(
@@ -184,9 +200,15 @@ def train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     padded_rows: bool = False,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over A micro-batches (leading axis of every batch array);
-    `padded_rows` when the batches are padded, one sequence per row (not packed)."""
+    `padded_rows` when the batches are padded, one sequence per row (not packed).
+
+    A step whose loss or gradients are not finite applies no update (the state stays the
+    last finite one) and is counted. With `skip_nonfinite` False the state then freezes:
+    later steps apply nothing either, so whenever the host notices (at its next metrics read
+    or checkpoint) the parameters are those before the first bad step."""
 
     def objective(params, micro_batch):
         ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config, padded_rows)
@@ -217,7 +239,24 @@ def train_step(
     metrics = finalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    # The norm is inf/NaN as soon as one gradient element is.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    apply = finite if skip_nonfinite else finite & (state.nonfinite_steps == 0)
+    keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+    nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
+    first = jnp.where(
+        (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+    )
+    metrics["nonfinite_steps"] = nonfinite_steps.astype(jnp.float32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        nonfinite_steps=nonfinite_steps,
+        first_nonfinite_step=first,
+    )
+    return new_state, metrics
 
 
 def eval_sums(
@@ -243,6 +282,7 @@ def jit_train_step(
     *,
     reference_on_device: bool,
     padded_rows: bool,
+    skip_nonfinite: bool = False,
 ):
     """train_step jitted with the state's shardings (donated) and replicated metrics: the
     trainer's step and the benchmark's are this one program."""
@@ -254,6 +294,7 @@ def jit_train_step(
             optimizer=optimizer,
             schedule=schedule,
             padded_rows=padded_rows,
+            skip_nonfinite=skip_nonfinite,
         ),
         in_shardings=(shardings, shardings.params if reference_on_device else None, None),
         out_shardings=(shardings, sharding.replicated(mesh)),

@@ -3,13 +3,11 @@
     python -m dpo_jax.train --config configs/tiny.py --workdir runs/tiny \
         [--config.training.beta=0.05 ...]
 
-Re-running the same command resumes from the last checkpoint in --workdir.
-Writes DIR/config.json, DIR/metrics.jsonl (one JSON object per log step; eval entries have
-keys starting with "eval/"), DIR/data_report.json and DIR/checkpoints/.
-
-settings → mesh → data → state and reference → compiled steps → the loop (eval, samples,
-checkpoints) → export and report. Every phase's machinery lives in its own module; this one
-only orders them.
+Re-running the same command resumes from the last checkpoint in --workdir. Writes
+DIR/config.json, DIR/metrics.jsonl (a JSON object per log step; eval keys start "eval/"),
+DIR/data_report.json and DIR/checkpoints/. settings → mesh → data → state and reference →
+compiled steps → the loop (eval, samples, checkpoints) → export and report: each phase's
+machinery lives in its own module; this one only orders them.
 """
 
 from __future__ import annotations
@@ -25,9 +23,11 @@ from ml_collections import config_flags
 
 from dpo_jax import (
     checkpoint,
+    cli,
     data,
     evaluate,
     export,
+    faults,
     hf,
     memory,
     metrics_log,
@@ -43,7 +43,13 @@ from dpo_jax import (
 )
 from dpo_jax import report as html_report
 from dpo_jax.settings import Settings
-from dpo_jax.step import TrainState, jit_eval_sums, jit_reference_logps, jit_train_step
+from dpo_jax.step import (
+    NonFiniteError,
+    TrainState,
+    jit_eval_sums,
+    jit_reference_logps,
+    jit_train_step,
+)
 
 FLAGS = flags.FLAGS
 
@@ -55,6 +61,9 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+    flags.DEFINE_list(
+        "allow_changed", [], "Config keys a resume may change (e.g. training.max_steps)."
+    )
 
 
 @dataclasses.dataclass
@@ -63,17 +72,36 @@ class TrainResult:
     ref_params: object
     eval_metrics: dict  # the last evaluation (empty without a validation file)
     completed: bool  # False when stopped early by pre-emption
+    stop_signal: int | None = None  # what stopped it early (SIGTERM, SIGINT)
 
 
-def train(config, workdir: str, devices=None) -> TrainResult:
+def train(config, workdir: str, devices=None, allow_changed=()) -> TrainResult:
     """Runs (or resumes) training as `config` (a ConfigDict) says; `devices`: all by default."""
-    return run(settings.from_config(config), workdir, devices)
+    return run(settings.from_config(config), workdir, devices, tuple(allow_changed))
 
 
-def run(s: Settings, workdir: str, devices=None) -> TrainResult:
-    """Runs (or resumes) training with typed settings."""
+def run(s: Settings, workdir: str, devices=None, allow_changed: tuple = ()) -> TrainResult:
+    """Runs (or resumes) training with typed settings; one run per workdir at a time."""
     os.makedirs(workdir, exist_ok=True)
+    lock = checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        return _run(s, workdir, devices, allow_changed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResult:
     lead = jax.process_index() == 0
+    ckpt = checkpoint.Checkpointer(
+        workdir, max_to_keep=s.checkpoint.max_to_keep, async_save=s.checkpoint.async_save
+    )
+    # A resume continues the run its checkpoints belong to: a changed config is refused
+    # before anything (config.json included) is written.
+    if (saved := ckpt.latest_config()) is not None:
+        changes = settings.resume_changes(saved, s.resolved, allow_changed)
+        if changes and lead:
+            print(f"resuming with config changes: {'; '.join(changes)}", flush=True)
 
     # --- mesh and model
     mesh = sharding.make_mesh(s.mesh.data, s.mesh.fsdp, s.mesh.tensor, devices)
@@ -81,11 +109,8 @@ def run(s: Settings, workdir: str, devices=None) -> TrainResult:
 
     # --- data: each process builds only the rows its own devices hold
     tokenizer = hf.load_tokenizer(s.tokenizer)
-    sharding.check_batch_rows(
-        s.batch.micro_batch_rows,
-        mesh,
-        "config training.batch_size / gradient_accumulation_steps",
-    )
+    rows_key = "config training.batch_size / gradient_accumulation_steps"
+    sharding.check_batch_rows(s.batch.micro_batch_rows, mesh, rows_key)
     sharding.check_batch_rows(2 * s.batch.eval_batch_size, mesh, "config eval.batch_size")
     built = data.build_data(
         s.data,
@@ -140,34 +165,29 @@ def run(s: Settings, workdir: str, devices=None) -> TrainResult:
         workdir, s.samples, model_config, tokenizer, s.data.apply_chat_template
     )
     if s.precompute_reference:
-        named = {"training data": iterator.pairs}
-        named |= {
-            f"eval set {name!r}" if name else "validation data": pairs
-            for name, pairs in eval_sets.items()
-        }
-        tables = reference.precompute(
+        train_table, eval_reference = reference.precompute(
             jit_reference_logps(model_config, s.loss.logits_chunk_size, mesh),
             train_state.params,
-            named,
+            iterator.pairs,
+            eval_sets,
             model_config=model_config,
             batches=lambda pairs: iterator.eval_batches(pairs, s.batch.eval_batch_size),
             batch_size=s.batch.eval_batch_size,
             mesh=mesh,
             cache_dir=reference.cache_dir_for(s.data.cache_dir, workdir),
         )
-        iterator.attach_reference(tables.pop("training data"))
-        eval_reference = dict(zip(eval_sets, tables.values(), strict=True))
+        iterator.attach_reference(train_table)
         if sampler is not None:  # the reference's replies, while its weights are at hand
             sampler.sample_reference(train_state.params)
 
     # --- resume
-    ckpt = checkpoint.Checkpointer(
-        workdir, max_to_keep=s.checkpoint.max_to_keep, async_save=s.checkpoint.async_save
-    )
     writer = metrics_log.MetricsWriter(workdir, total_steps, enabled=lead)
     start_step = ckpt.latest_step()
     if start_step is not None:
-        train_state, position = ckpt.restore(start_step, checkpoint.abstract_like(train_state))
+        start_step, train_state, position = ckpt.restore_latest_intact(
+            checkpoint.abstract_like(train_state),
+            log=lambda line: print(line, flush=True) if lead else None,
+        )
         iterator.restore(position)
         if lead:
             metrics_log.truncate_logs_after(workdir, start_step)
@@ -192,6 +212,7 @@ def run(s: Settings, workdir: str, devices=None) -> TrainResult:
         mesh,
         reference_on_device=s.reference_on_device,
         padded_rows=not iterator.packing,
+        skip_nonfinite=s.loop.skip_nonfinite,
     )
     eval_fn = jit_eval_sums(model_config, s.loss)
     if lead:
@@ -237,6 +258,29 @@ def run(s: Settings, workdir: str, devices=None) -> TrainResult:
         totals = throughput.batch_totals(model_config, host_batch, s.reference_on_device)
         return sharding.put_batch(host_batch, mesh, row_axis=1), totals
 
+    nonfinite_seen = 0
+
+    def check_finite(count) -> None:
+        """Acts on new non-finite steps (the state's count, or a metrics row's)."""
+        nonlocal nonfinite_seen
+        if int(count) <= nonfinite_seen:
+            return
+        first = int(jax.device_get(train_state.first_nonfinite_step))
+        if not s.loop.skip_nonfinite:
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {first}: its update was not applied and "
+                f"training stopped; the last checkpoint is step {ckpt.latest_step()}. Lower "
+                "training.learning_rate or training.beta, look for extreme pairs in the data, "
+                "or set training.nonfinite=skip to skip such steps"
+            )
+        nonfinite_seen = int(count)
+        if lead:
+            print(
+                f"non-finite loss or gradients: {nonfinite_seen} step(s) skipped so far (the "
+                f"first at step {first})",
+                flush=True,
+            )
+
     def flush(pending):
         step, metrics, totals, started = pending
         metrics = jax.device_get(metrics)
@@ -245,44 +289,58 @@ def run(s: Settings, workdir: str, devices=None) -> TrainResult:
         if (peak_gb := memory.device_peak_gb()) is not None:
             metrics["memory/peak_gb"] = peak_gb
         writer.write(step, metrics)
+        check_finite(metrics["nonfinite_steps"])
 
     loop, samples_every = s.loop, s.samples.every_steps
-    with prefetch.Prefetcher(iterator, prepare, depth=s.batch.prefetch) as batches:
-        step = start_step
-        while step < total_steps:
-            (batch, totals), position = next(batches)
-            window.add(totals)
-            train_state, metrics = step_fn(train_state, ref_params, batch)
-            if pending is not None:
-                flush(pending)
-                pending = None
-            if step % loop.log_every == 0 or step == total_steps - 1:
-                pending = (step, metrics, *window.take())
-            step += 1
-            done = step == total_steps
-            eval_now = done or (loop.eval_every > 0 and step % loop.eval_every == 0)
-            stop = ckpt.should_stop(step)
-            save_now = step % loop.checkpoint_every == 0 or done or stop
-            if pending is not None and (eval_now or save_now):
-                # Rows logged before a checkpoint must be on disk before it exists: a resumed
-                # run recomputes only the steps after the checkpoint.
-                flush(pending)
-                pending = None
-            if eval_now:
-                run_evals(step)
-            if sampler is not None and (
-                (done and samples_every >= 0) or (samples_every > 0 and step % samples_every == 0)
-            ):
-                sample(step)
-            if save_now:
-                ckpt.save(step, train_state, position, s.resolved)
-            if stop:
-                print(
-                    f"pre-empted: saved step {step}; re-run the same command to resume", flush=True
+    step, interrupted = start_step, False
+    try:
+        with prefetch.Prefetcher(iterator, prepare, depth=s.batch.prefetch) as batches:
+            while step < total_steps:
+                (batch, totals), position = next(batches)
+                window.add(totals)
+                train_state, metrics = step_fn(train_state, ref_params, batch)
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                if step % loop.log_every == 0 or step == total_steps - 1:
+                    pending = (step, metrics, *window.take())
+                faults.pause_at(step, lambda: ckpt.stop_signal is not None)
+                step += 1
+                done = step == total_steps
+                eval_now = done or (loop.eval_every > 0 and step % loop.eval_every == 0)
+                stop = ckpt.should_stop(step)
+                save_now = step % loop.checkpoint_every == 0 or done or stop
+                sample_now = sampler is not None and (
+                    (done and samples_every >= 0)
+                    or (samples_every > 0 and step % samples_every == 0)
                 )
-                break
-    ckpt.wait()
-    ckpt.close()
+                if pending is not None and (eval_now or save_now):
+                    # Rows logged before a checkpoint must be on disk before it exists: a
+                    # resumed run recomputes only the steps after the checkpoint.
+                    flush(pending)
+                    pending = None
+                if eval_now or save_now or sample_now:  # never evaluate or save a bad step
+                    check_finite(jax.device_get(train_state.nonfinite_steps))
+                if eval_now:
+                    run_evals(step)
+                if sample_now:
+                    sample(step)
+                if save_now:
+                    ckpt.save(step, train_state, position, s.resolved)
+                if stop:
+                    print(
+                        f"pre-empted: saved step {step}; re-run the same command to resume",
+                        flush=True,
+                    )
+                    break
+    except KeyboardInterrupt:
+        interrupted = True  # a second Ctrl-C: stop now, no waiting for a save in flight
+        raise
+    finally:
+        if not interrupted:
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
 
     # --- export and report
     if s.checkpoint.export_hf and step == total_steps:
@@ -298,10 +356,20 @@ def run(s: Settings, workdir: str, devices=None) -> TrainResult:
         )
         if lead:
             print(f"exported: {out}", flush=True)
-    writer.close()
     if lead and s.logging.report:
         print(f"report: {html_report.write_report(workdir)}", flush=True)
-    return TrainResult(train_state, ref_params, eval_metrics, completed=step == total_steps)
+    return TrainResult(
+        train_state,
+        ref_params,
+        eval_metrics,
+        completed=step == total_steps,
+        stop_signal=ckpt.stop_signal,
+    )
+
+
+# Exit statuses (dpo_jax.cli): 2 for input that cannot run, 1 for a run that failed.
+BAD_INPUT = (*settings.USER_ERRORS, checkpoint.WorkdirBusy)
+RUN_FAILURES = (NonFiniteError, checkpoint.CheckpointError, metrics_log.LogError, OSError)
 
 
 def main(argv) -> None:
@@ -311,12 +379,20 @@ def main(argv) -> None:
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
     try:
-        run(settings.from_config(FLAGS.config), FLAGS.workdir)
-    except settings.USER_ERRORS as error:
-        raise SystemExit(f"error: {error}") from None
+        result = run(
+            settings.from_config(FLAGS.config), FLAGS.workdir, allow_changed=FLAGS.allow_changed
+        )
+    except BAD_INPUT as error:
+        cli.fail(str(error), 2)
+    except RUN_FAILURES as error:
+        cli.fail(str(error), 1)
+    except KeyboardInterrupt:
+        cli.stop_now("re-run the same command to resume from the last checkpoint")
+    if not result.completed and result.stop_signal is not None:
+        raise SystemExit(128 + int(result.stop_signal))
 
 
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(FLAGS))

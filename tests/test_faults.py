@@ -1,0 +1,304 @@
+"""The fault matrix, with the real CLI on the embedded default: every fault ends in one clear
+line and an exit status that says what happened, loses nothing (the last good checkpoint
+intact, metrics.jsonl consistent with it), and re-running the same command continues exactly
+as an uninterrupted run (every metrics row equal). Faults no signal can time from outside
+come from dpo_jax.faults' test-only environment hooks."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import pytest
+from conftest import (
+    FAST,
+    REPO,
+    assert_rows_close,
+    fast_config,
+    load_config,
+    read_metrics,
+)
+
+from dpo_jax import checkpoint, settings, train
+
+STEPS = 8
+# Checkpoints every 2 steps, 2 kept; the 64-pair training file; one device like the baseline.
+RUN = {"training.max_steps": STEPS, "checkpoint.every_steps": 2, "eval.every_steps": 4}
+DEADLINE_S = 600  # a CLI run takes ~15 s on an idle 2-core machine
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, small_train, small_validation):
+    """The uninterrupted run every faulted one must equal."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    overrides = RUN | {"data.train_file": small_train}
+    train.train(fast_config(small_validation, **overrides), workdir, devices=jax.devices()[:1])
+    return workdir
+
+
+def cli_args(workdir, small_train, small_validation, **overrides):
+    values = FAST | RUN | {"data.train_file": small_train}
+    values |= {"data.validation_file": small_validation} | overrides
+    args = [sys.executable, "-m", "dpo_jax.train", "--config", f"{REPO}/configs/tiny.py"]
+    return args + ["--workdir", workdir] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def start(args, log_path, **env):
+    log = open(log_path, "w")  # noqa: SIM115  (the child writes it; closed by the OS)
+    return subprocess.Popen(
+        args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, XLA_FLAGS="", **env),
+        cwd=REPO,
+    )
+
+
+def read(path) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def wait_for(process, log_path, text) -> None:
+    deadline = time.time() + DEADLINE_S
+    while text not in read(log_path):
+        assert process.poll() is None, read(log_path)[-3000:]
+        assert time.time() < deadline, f"no {text!r} in time:\n{read(log_path)[-3000:]}"
+        time.sleep(0.05)
+
+
+def finish(process, log_path) -> tuple[int, str]:
+    process.wait(timeout=DEADLINE_S)
+    return process.returncode, read(log_path)
+
+
+def run_cli(args, log_path, **env) -> tuple[int, str]:
+    return finish(start(args, log_path, **env), log_path)
+
+
+def assert_one_line_error(output: str, *fragments: str) -> None:
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def assert_continues_exactly(baseline, workdir, args, tmp_path, resumed_from):
+    code, output = run_cli(args, tmp_path / "resume.log")
+    assert code == 0, output[-3000:]
+    assert f"resumed from step {resumed_from} " in output, output[-3000:]
+    expected, got = read_metrics(baseline), read_metrics(workdir)
+    assert [r["step"] for r in expected] == [r["step"] for r in got]
+    for a, b in zip(expected, got, strict=True):
+        assert_rows_close(a, b)
+    assert os.path.isdir(os.path.join(workdir, "hf"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_signal_saves_at_the_step_boundary_and_resumes_exactly(
+    sig, baseline, small_train, small_validation, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    args = cli_args(workdir, small_train, small_validation)
+    process = start(args, tmp_path / "first.log", DPO_JAX_PAUSE_AT_STEP="3")
+    wait_for(process, tmp_path / "first.log", "paused at step 3")
+    process.send_signal(sig)
+    code, output = finish(process, tmp_path / "first.log")
+    assert code == 128 + sig, output[-3000:]  # not finished: non-zero, resumable
+    assert "pre-empted: saved step 4" in output and "Traceback" not in output, output[-3000:]
+    assert checkpoint.Checkpointer(workdir).steps() == [2, 4]
+    assert_continues_exactly(baseline, workdir, args, tmp_path, resumed_from=4)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_corrupts_nothing(
+    baseline, small_train, small_validation, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    args = cli_args(workdir, small_train, small_validation, **{"checkpoint.async_save": True})
+    process = start(args, tmp_path / "first.log", DPO_JAX_PAUSE_AT_STEP="5")
+    wait_for(process, tmp_path / "first.log", "paused at step 5")
+    process.send_signal(signal.SIGINT)
+    wait_for(process, tmp_path / "first.log", "stopping: saving at the end of this step")
+    process.send_signal(signal.SIGINT)
+    code, output = finish(process, tmp_path / "first.log")
+    assert code == 130 and "Traceback" not in output, output[-3000:]
+    # Whether the second Ctrl-C beat the save of step 6 or not, the resume continues from a
+    # complete checkpoint and ends as the uninterrupted run.
+    steps = checkpoint.Checkpointer(workdir).steps()
+    assert steps[-1] in (4, 6), steps
+    assert_continues_exactly(baseline, workdir, args, tmp_path, resumed_from=steps[-1])
+
+
+def test_disk_full_kill_in_save_damaged_checkpoint_and_torn_log_line_all_resume(
+    baseline, small_train, small_validation, tmp_path
+):
+    """One workdir through three faults in a row, each leaving the last good checkpoint."""
+    workdir = str(tmp_path / "run")
+    args = cli_args(workdir, small_train, small_validation, **{"checkpoint.async_save": True})
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+
+    # 1. The disk fills while checkpoint 4 is saved: one line, exit 1, checkpoint 2 intact.
+    code, output = run_cli(args, tmp_path / "full.log", DPO_JAX_DISK_FULL_AT_SAVE="4")
+    assert code == 1, output[-3000:]
+    assert_one_line_error(output, "No space left on device", "checkpoint 4")
+    assert checkpoint.Checkpointer(workdir).steps() == [2]
+
+    # 2. Killed (SIGKILL) while the async save of checkpoint 6 is in flight: the re-run resumes
+    # from 2 and writes 4; the half-written 6 is never taken for a checkpoint.
+    code, output = run_cli(args, tmp_path / "kill.log", DPO_JAX_KILL_IN_SAVE="6")
+    assert code == -signal.SIGKILL, output[-3000:]
+    assert "resumed from step 2 " in output
+    assert 6 not in checkpoint.Checkpointer(workdir).steps()
+    assert 4 in checkpoint.Checkpointer(workdir).steps()
+
+    # 3. Checkpoint 4's weights are truncated and metrics.jsonl ends in a torn line: the
+    # re-run says so, falls back to checkpoint 2 and still ends as the uninterrupted run.
+    for folder, _, files in os.walk(os.path.join(ckpt_dir, "4", "state")):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "loss": 0.69')
+    code, output = run_cli(args, tmp_path / "damaged.log")
+    assert code == 0, output[-3000:]
+    assert "checkpoint 4 cannot be restored" in output and "Traceback" not in output
+    expected, got = read_metrics(baseline), read_metrics(workdir)
+    assert [r["step"] for r in expected] == [r["step"] for r in got]
+    for a, b in zip(expected, got, strict=True):
+        assert_rows_close(a, b)
+
+
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(
+    small_train, small_validation, tmp_path
+):
+    """beta = 1e38 makes the gradients infinite from the first step: the run stops there
+    (exit 1) with nothing NaN saved, evaluated or exported."""
+    workdir = str(tmp_path / "run")
+    args = cli_args(workdir, small_train, small_validation, **{"training.beta": 1e38})
+    code, output = run_cli(args, tmp_path / "nan.log")
+    assert code == 1, output[-3000:]
+    assert_one_line_error(output, "non-finite loss or gradients at step 0", "training.nonfinite")
+    assert checkpoint.Checkpointer(workdir).steps() == []
+    assert not os.path.exists(os.path.join(workdir, "hf"))
+    assert not any("eval/loss" in row for row in read_metrics(workdir))
+
+
+def test_nonfinite_steps_are_skipped_when_asked(small_train, small_validation, tmp_path):
+    overrides = RUN | {"data.train_file": small_train, "training.nonfinite": "skip"}
+    overrides |= {"training.max_steps": 3, "training.beta": 1e38, "checkpoint.export_hf": False}
+    result = train.train(
+        fast_config(small_validation, **overrides), str(tmp_path), devices=jax.devices()[:1]
+    )
+    rows = [row for row in read_metrics(str(tmp_path)) if "loss" in row]
+    assert [row["nonfinite_steps"] for row in rows] == [1.0, 2.0, 3.0]
+    assert int(result.state.nonfinite_steps) == 3 and int(result.state.first_nonfinite_step) == 0
+    # No update was applied: the weights are still the reference's.
+    jax.tree.map(
+        lambda a, b: None if (a == b).all() else pytest.fail("weights moved"),
+        result.state.params,
+        result.ref_params,
+    )
+
+
+def test_a_resume_with_a_changed_config_is_refused_unless_allowed(
+    baseline, small_train, small_validation, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(baseline, workdir)
+    config_json = read(os.path.join(workdir, "config.json"))
+    base = RUN | {"data.train_file": small_train}
+
+    def resume(allow=(), **changes):
+        config = fast_config(small_validation, **base | changes)
+        return train.train(config, workdir, devices=jax.devices()[:1], allow_changed=allow)
+
+    with pytest.raises(settings.ConfigError, match=r"training.beta: 0.1 -> 0.2.*allow_changed"):
+        resume(**{"training.beta": 0.2})
+    with pytest.raises(settings.ConfigError, match="another model, data or batch"):
+        resume(allow=("data.max_seq_length",), **{"data.max_seq_length": 64})
+    assert read(os.path.join(workdir, "config.json")) == config_json  # nothing written
+    # What is logged or how often it is saved may change; more steps when allowed.
+    resume(**{"logging.every_steps": 2, "checkpoint.export_hf": False})
+    resume(allow=("training.max_steps",), **{"training.max_steps": STEPS + 2})
+    assert checkpoint.Checkpointer(workdir).latest_step() == STEPS + 2
+
+    code, output = run_cli(
+        cli_args(workdir, small_train, small_validation, **{"training.beta": 0.3}),
+        tmp_path / "cli.log",
+    )
+    assert code == 2
+    assert_one_line_error(output, "training.beta: 0.1 -> 0.3", "--allow_changed=training.beta")
+
+
+def test_a_second_run_on_a_workdir_refuses_to_start(small_train, small_validation, tmp_path):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    lock = checkpoint.WorkdirLock(workdir)  # a run in progress
+    try:
+        code, output = run_cli(cli_args(workdir, small_train, small_validation), tmp_path / "l")
+    finally:
+        lock.release()
+    assert code == 2
+    assert_one_line_error(output, "is in use by another run", f"pid {os.getpid()}")
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training.betaa=1", '--config.training.betaa: no such config key; Did you mean "beta"'),
+        ("training.batch_size=-1", "config training.batch_size=-1: a positive number"),
+        ("model.name=/nonexistent/model", "/nonexistent/model"),
+    ],
+    ids=["typo", "out_of_range", "missing_model"],
+)
+def test_bad_config_is_one_line_exit_2(override, fragment, small_train, small_validation, tmp_path):
+    args = cli_args(str(tmp_path / "run"), small_train, small_validation)
+    code, output = run_cli(args + [f"--config.{override}"], tmp_path / "bad.log")
+    assert code == 2, output[-3000:]
+    assert_one_line_error(output, fragment)
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("training.beta", -0.1, "a positive number"),
+        ("training.learning_rate", -1e-3, "a learning rate >= 0"),
+        ("training.gradient_accumulation_steps", 3, "a positive divisor of training.batch_size"),
+        ("training.num_epochs", 0, "a positive number of epochs"),
+        ("eval.batch_size", 0, "a positive number of pairs"),
+        ("logging.every_steps", 0, "a positive number"),
+        ("checkpoint.every_steps", 0, "a positive number of steps"),
+        ("checkpoint.max_to_keep", 0, "at least 1"),
+        ("training.nonfinite", "maybe", "stop (end the run"),
+        ("data.max_segments_per_row", 1, "at least 2"),
+        ("model.init", "zeros", "use 'pretrained'"),
+        ("training.beta", "abc", "expected a number"),
+    ],
+)
+def test_every_out_of_range_value_names_its_key(key, value, fragment):
+    values = load_config("tiny").to_dict()
+    section, name = key.split(".")
+    values[section][name] = value
+    values["data"]["packing"] = key == "data.max_segments_per_row"
+    with pytest.raises(settings.ConfigError, match=f"config {key}=") as error:
+        settings.from_config(ml_collections.ConfigDict(values))
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_a_config_without_a_bench_section_is_one_line_for_the_benchmark(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "dpo_jax.bench", "--config", f"{REPO}/configs/tiny.py"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        env=dict(os.environ, XLA_FLAGS=""),
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "no bench section" in done.stderr + done.stdout
