@@ -45,6 +45,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             "model.remat_policy": "none",  # none | dots_saveable | full
             "model.logits_chunk_size": 8192 if gpu else 4096,
             "data.max_seq_length": 1024 if gpu else 48,  # row length (longest pair side)
+            "model.max_length": 1 << 20,  # no bound of its own: rows are data.max_seq_length
             "training.gradient_checkpointing": False,  # model.remat_policy says it
             "training.batch_size": 4 if gpu else 8,  # pairs per step
             "training.gradient_accumulation_steps": 1,

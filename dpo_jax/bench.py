@@ -201,9 +201,10 @@ def micro_batches(w: Workload, pairs: list) -> list[list]:
 
 
 def segments_cap(w: Workload) -> int:
-    """Sequences per packed row at most (0 = no bound): the trainer's rule, which the model
-    settings carry when cuDNN's packed layout may use it."""
-    return w.s.model.max_segments_per_row or 0
+    """Sequences per packed row at most (0 = no bound), as the trainer's packer takes it:
+    data.max_segments_per_row in every packed layout (the model sees the bound only where
+    cuDNN's packed layout may use it)."""
+    return w.s.data.max_segments_per_row
 
 
 def rows_needed(
@@ -324,6 +325,7 @@ def run_workload(w: Workload, devices=None) -> dict:
     optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
     shardings = state.state_shardings(model_config, optimizer, mesh, s.mesh.rules)
     row_length = row_length_of(w)
+    # The trainer's estimate, printed but not enforced: an out-of-memory run is a result.
     parts = memory.check_state_fits(
         state.abstract_state(model_config, optimizer, shardings),
         model_config,
@@ -332,6 +334,7 @@ def run_workload(w: Workload, devices=None) -> dict:
         rows=rows,
         row_length=row_length,
         logits_chunk_size=s.loss.logits_chunk_size,
+        enforce=False,
     )
     train_state = state.init_state(s.model, model_config, s.loop.seed, optimizer, shardings)
     # The frozen reference exists only when its forward runs in the step.

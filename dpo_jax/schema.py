@@ -114,7 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.logging.report = True  # DIR/report.html + DIR/plots/*.png at the end
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 200  # 0 = only at the end
+    c.eval.every_steps = 200  # 0 (or less) = only at the end
     c.eval.batch_size = 64  # pairs per eval batch
     # Generated samples: replies to held-out prompts, reference next to policy, in
     # DIR/samples.jsonl (a .jsonl of {"prompt"}), scored by a rule-based checker into
@@ -132,6 +132,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict):
-    """`config` with dotted keys replaced ({"model.name": ..., ...}); unknown keys fail."""
+    """`config` with dotted keys replaced ({"model.name": ..., ...}); a key the schema does
+    not have fails (ml_collections alone would add a misspelt leaf)."""
+    for key in overrides:
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if leaf not in node:
+            raise KeyError(f"{key}: not a config key (see dpo_jax/schema.py)")
     config.update_from_flattened_dict(overrides)
     return config

@@ -173,6 +173,8 @@ def _get(section, key: str, default=None):
 
 def _number(section, name: str, key: str, cast, default=None):
     """section.<name> as `cast` (int or float), or a ConfigError naming the key."""
+    if default is None and not (hasattr(section, "get") and name in section):
+        raise _missing(key)
     value = _get(section, name, default)
     try:
         if cast is int and (isinstance(value, bool) or float(value) != int(value)):
@@ -244,7 +246,13 @@ def model_settings(config) -> ModelSettings:
 def loss_settings(config) -> LossConfig:
     t = config.training
     beta = _number(t, "beta", "training.beta", float)
-    _check(beta > 0, "training.beta", beta, "a positive number (DPO's temperature, e.g. 0.1)")
+    loss_types = as_tuple(t.loss_type, str) or ()
+    _check(
+        beta > 0 or set(loss_types) <= {"sft"},  # the NLL alone never reads beta
+        "training.beta",
+        beta,
+        "a positive number (DPO's temperature, e.g. 0.1)",
+    )
     chunk = _number(config.model, "logits_chunk_size", "model.logits_chunk_size", int)
     _check(chunk > 0, "model.logits_chunk_size", chunk, "a positive number of vocabulary rows")
     return LossConfig(
@@ -386,7 +394,6 @@ def loop_settings(config) -> LoopSettings:
         loop.checkpoint_every,
         "a positive number of steps",
     )
-    _check(loop.eval_every >= 0, "eval.every_steps", loop.eval_every, "0 (at the end) or more")
     return loop
 
 
@@ -408,7 +415,23 @@ def sample_settings(e) -> SampleSettings:
 
 
 def from_config(config) -> Settings:
-    """Every section of a training config → Settings; the first bad value raises ConfigError."""
+    """Every section of a training config → Settings; the first bad value raises ConfigError
+    (a missing key too: a config.json of an older version, or a hand-made config)."""
+    try:
+        return _from_config(config)
+    except (AttributeError, KeyError) as error:
+        raise _missing(str(error).split("\n")[0].strip("'\"")) from None
+
+
+def _missing(key: str) -> ConfigError:
+    return ConfigError(
+        f"config has no key {key}: every key of dpo_jax/schema.py must be there (start the "
+        "config from schema.default_config(); a run's config.json written by an older "
+        "version needs the keys added since)"
+    )
+
+
+def _from_config(config) -> Settings:
     loss = loss_settings(config)
     c = config.checkpoint
     max_to_keep = _number(c, "max_to_keep", "checkpoint.max_to_keep", int)
@@ -444,10 +467,6 @@ def from_config(config) -> Settings:
 def resolved(config) -> dict:
     """The config as JSON values (what config.json and the checkpoints hold)."""
     return json.loads(config.to_json_best_effort())
-
-
-def to_json(config) -> str:
-    return config.to_json_best_effort(indent=2)
 
 
 def from_json(values: dict) -> ml_collections.ConfigDict:

@@ -25,9 +25,9 @@ def load_config(name: str = "tiny", *args, **overrides):
     spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(*args)
-    config.update_from_flattened_dict(overrides)
-    return config
+    from dpo_jax.schema import with_overrides
+
+    return with_overrides(module.get_config(*args), overrides)
 
 
 def model_config_of(config):

@@ -206,3 +206,10 @@ def test_segment_bound_follows_the_trainers_rule_and_the_packer_keeps_it():
     ]
     assert most[0] == 4
     assert most[1] == 2 and rows[1] > rows[0]
+    # Prefix-shared rows take the mask, but the packer keeps the bound as the trainer's does.
+    shared = short | {"data.max_segments_per_row": 2, "data.prefix_sharing": True}
+    shared = bench.workload(load_config("bench", **shared))
+    assert (
+        bench.segments_cap(shared) == 2
+        and bench.model_config_for(shared).max_segments_per_row is None
+    )

@@ -186,7 +186,7 @@ def test_truncation_keeps_prompt_end_with_bos_and_completion_start(tokenizer):
         data.tokenize_records([("x:1", long_prompt)], tokenizer, strict)
 
 
-def test_settings_from_config_reads_old_and_new_keys():
+def test_data_settings_read_old_and_new_keys():
     from conftest import load_config
 
     config = load_config("tiny")

@@ -292,6 +292,15 @@ def test_every_out_of_range_value_names_its_key(key, value, fragment):
     assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
+def test_a_misspelt_override_or_a_missing_key_names_the_key():
+    with pytest.raises(KeyError, match="training.learnig_rate: not a config key"):
+        load_config("tiny", **{"training.learnig_rate": 1e-3})
+    values = load_config("tiny").to_dict()
+    del values["training"]["adam_b2"]  # a config.json of an older version, say
+    with pytest.raises(settings.ConfigError, match="config has no key training.adam_b2"):
+        settings.from_config(ml_collections.ConfigDict(values))
+
+
 def test_a_config_without_a_bench_section_is_one_line_for_the_benchmark(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "dpo_jax.bench", "--config", f"{REPO}/configs/tiny.py"],
