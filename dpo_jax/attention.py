@@ -2,8 +2,8 @@
 mask as a bias), right-padded rows as row lengths (cuDNN's flash kernel), packed rows as
 cuDNN's packed segment layout where available, and Gemma 2's score-capped attention.
 
-Shape legend: B rows, T tokens, S key tokens, N query heads, K kv heads, G query heads per
-kv head, H head dim, M segments per row (M1: M + 1).
+Shape legend (dpo_jax/__init__.py): B rows, T tokens, U key tokens, N query heads, K kv
+heads, G query heads per kv head, H head dim, E segments per row (E1: E + 1).
 """
 
 from __future__ import annotations
@@ -16,23 +16,23 @@ import jax.numpy as jnp
 
 
 def softcap_attention(
-    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, *, scale, softcap, is_causal=True
+    q_BxTxNxH, k_BxUxKxH, v_BxUxKxH, mask_Bx1xTxU, *, scale, softcap, is_causal=True
 ):
     """GQA attention with Gemma 2's score cap: cap * tanh(q.k * scale / cap), fp32 scores and
     softmax (jax.nn.dot_product_attention has no soft-capping)."""
     b, t, n, h = q_BxTxNxH.shape
-    k = k_BxSxKxH.shape[2]
+    k = k_BxUxKxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    scores_BxKxGxTxS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    scores_BxKxGxTxU = jnp.einsum(
+        "BTKGH,BUKH->BKGTU", q_BxTxKxGxH, k_BxUxKxH, preferred_element_type=jnp.float32
     )
-    scores_BxKxGxTxS = softcap * jnp.tanh(scores_BxKxGxTxS * scale / softcap)
-    visible_Bx1x1xTxS = mask_Bx1xTxS[:, :, None]
+    scores_BxKxGxTxU = softcap * jnp.tanh(scores_BxKxGxTxU * scale / softcap)
+    visible_Bx1x1xTxU = mask_Bx1xTxU[:, :, None]
     if is_causal:
-        visible_Bx1x1xTxS &= jnp.tril(jnp.ones((t, k_BxSxKxH.shape[1]), bool))[None, None, None]
-    scores_BxKxGxTxS = jnp.where(visible_Bx1x1xTxS, scores_BxKxGxTxS, -1e30)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
+        visible_Bx1x1xTxU &= jnp.tril(jnp.ones((t, k_BxUxKxH.shape[1]), bool))[None, None, None]
+    scores_BxKxGxTxU = jnp.where(visible_Bx1x1xTxU, scores_BxKxGxTxU, -1e30)
+    probs_BxKxGxTxU = jax.nn.softmax(scores_BxKxGxTxU, axis=-1).astype(v_BxUxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("BKGTU,BUKH->BTKGH", probs_BxKxGxTxU, v_BxUxKxH)
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
@@ -53,7 +53,7 @@ def padded_rows_attention(
 ):
     """Causal attention of right-padded rows (one sequence per row, from index 0; segment id 0
     only on trailing padding), told to the kernel as sequence lengths rather than a mask:
-    cuDNN runs lengths inside its flash kernel (PADDING_CAUSAL) but any [B, 1, T, S] mask
+    cuDNN runs lengths inside its flash kernel (PADDING_CAUSAL) but any [B, 1, T, U] mask
     only as a dense bias, which is much slower."""
     valid_BxT = segment_ids_BxT != 0
     lengths_B = jnp.sum(valid_BxT, axis=1, dtype=jnp.int32)
@@ -69,7 +69,7 @@ def padded_rows_attention(
 
 
 def packed_segments(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-    """(offsets [B, M+1], lengths [B, M]) int32 of segments 1..M of each row (M = max_segments),
+    """(offsets [B, E+1], lengths [B, E]) int32 of segments 1..E of each row (E = max_segments),
     as JAX's cuDNN packed-layout attention takes them: entry m - 1 holds segment m's first index
     in the row and its token count, or -1 in both where the row has no segment m.
 
@@ -79,14 +79,14 @@ def packed_segments(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.
     next to the next row's first start and shift every later segment); cuDNN ends a segment at
     start + length, so trailing padding (segment 0) lies outside every segment. Segments must
     be contiguous; ids above M are left out, like padding."""
-    ids_M = jnp.arange(1, max_segments + 1, dtype=jnp.int32)
-    in_BxTxM = segment_ids_BxT[:, :, None] == ids_M[None, None, :]
-    lengths_BxM = jnp.sum(in_BxTxM, axis=1, dtype=jnp.int32)
-    present_BxM = lengths_BxM > 0
-    starts_BxM = jnp.argmax(in_BxTxM, axis=1).astype(jnp.int32)  # first index of segment m
-    offsets_BxM = jnp.where(present_BxM, starts_BxM, -1)
-    offsets_BxM1 = jnp.pad(offsets_BxM, ((0, 0), (0, 1)), constant_values=-1)
-    return offsets_BxM1, jnp.where(present_BxM, lengths_BxM, -1)
+    ids_E = jnp.arange(1, max_segments + 1, dtype=jnp.int32)
+    in_BxTxE = segment_ids_BxT[:, :, None] == ids_E[None, None, :]
+    lengths_BxE = jnp.sum(in_BxTxE, axis=1, dtype=jnp.int32)
+    present_BxE = lengths_BxE > 0
+    starts_BxE = jnp.argmax(in_BxTxE, axis=1).astype(jnp.int32)  # first index of segment m
+    offsets_BxE = jnp.where(present_BxE, starts_BxE, -1)
+    offsets_BxE1 = jnp.pad(offsets_BxE, ((0, 0), (0, 1)), constant_values=-1)
+    return offsets_BxE1, jnp.where(present_BxE, lengths_BxE, -1)
 
 
 # What JAX's private cuDNN entry point must accept for the packed layout.
@@ -142,10 +142,10 @@ def packed_rows_attention(
 ):
     """Causal attention within each segment of packed rows (segment ids 1, 2, ... contiguous
     along the row, 0 on trailing padding), told to cuDNN as segment offsets and lengths in its
-    packed ("THD") layout: flash attention with PADDING_CAUSAL per segment, where a [B, 1, T, S]
+    packed ("THD") layout: flash attention with PADDING_CAUSAL per segment, where a [B, 1, T, U]
     mask would run as a dense bias."""
     fa, native_gqa = api
-    offsets_BxM1, lengths_BxM = packed_segments(segment_ids_BxT, max_segments)
+    offsets_BxE1, lengths_BxE = packed_segments(segment_ids_BxT, max_segments)
     # The kernel writes no output and no dq/dk/dv for tokens outside every segment.
     valid_BxT = (segment_ids_BxT > 0) & (segment_ids_BxT <= max_segments)
     n, k = q_BxTxNxH.shape[2], k_BxTxKxH.shape[2]
@@ -154,10 +154,10 @@ def packed_rows_attention(
         v_BxTxKxH = jnp.repeat(v_BxTxKxH, n // k, axis=2)
     kernel = functools.partial(
         fa.dot_product_attention,
-        q_seqlen=lengths_BxM,
-        kv_seqlen=lengths_BxM,
-        q_offsets=offsets_BxM1,
-        kv_offsets=offsets_BxM1,
+        q_seqlen=lengths_BxE,
+        kv_seqlen=lengths_BxE,
+        q_offsets=offsets_BxE1,
+        kv_offsets=offsets_BxE1,
         scale=scale,
         mask_type=fa.MaskType.PADDING_CAUSAL,
         qkv_layout="BTNH",
@@ -192,23 +192,23 @@ def kernel_for(config, *, decode: bool, padded_rows: bool, prefix_shared: bool) 
     return MASK
 
 
-def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, config, *, is_causal, impl):
+def masked_attention(q_BxTxNxH, k_BxUxKxH, v_BxUxKxH, mask_Bx1xTxU, config, *, is_causal, impl):
     scale = (config.query_pre_attn_scalar or config.resolved_head_dim) ** -0.5
     if config.attn_logit_softcap is not None:
         return softcap_attention(
             q_BxTxNxH,
-            k_BxSxKxH,
-            v_BxSxKxH,
-            mask_Bx1xTxS,
+            k_BxUxKxH,
+            v_BxUxKxH,
+            mask_Bx1xTxU,
             scale=scale,
             softcap=config.attn_logit_softcap,
             is_causal=is_causal,
         )
     return jax.nn.dot_product_attention(
         q_BxTxNxH,
-        k_BxSxKxH,
-        v_BxSxKxH,
-        mask=mask_Bx1xTxS,
+        k_BxUxKxH,
+        v_BxUxKxH,
+        mask=mask_Bx1xTxU,
         scale=scale,
         is_causal=is_causal,
         implementation=impl,

@@ -2,8 +2,8 @@
 padded-row, packed-row and KV-cache paths), the gated MLP, and the pre-norm Block that
 dpo_jax.model scans.
 
-Shape legend: B rows, T tokens, S key tokens, D model, N query heads, K kv heads, G query heads
-per kv head, H head dim, F mlp, M segments per row (M1: M + 1).
+Shape legend (dpo_jax/__init__.py): B rows, T tokens, U key tokens, D model, N query heads,
+K kv heads, G query heads per kv head, H head dim, F mlp, E segments per row (E1: E + 1).
 """
 
 from __future__ import annotations
@@ -158,13 +158,13 @@ class Attention(nn.Module):
             prefix_shared=branch_ids_BxT is not None,
         )
         if kernel == attention.DECODE_MASK:
-            k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS = self._cached(
+            k_BxUxKxH, v_BxUxKxH, mask_Bx1xTxU = self._cached(
                 k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window
             )
             # The cache mask holds causality. cuDNN's flash kernels gain nothing on one query
             # and take arbitrary masks only as a bias; decoding uses XLA's.
             out_BxTxNxH = attention.masked_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, c, is_causal=False, impl=None
+                q_BxTxNxH, k_BxUxKxH, v_BxUxKxH, mask_Bx1xTxU, c, is_causal=False, impl=None
             )
         elif kernel == attention.PADDED_ROWS:
             out_BxTxNxH = attention.padded_rows_attention(
@@ -188,26 +188,26 @@ class Attention(nn.Module):
         else:
             # Causal by index in the row AND same segment. Padding (segment 0) attends to
             # padding and every token sees itself, so no softmax row is empty (no NaN).
-            mask_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+            mask_Bx1xTxU = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
             if c.sliding_window is not None:
                 # transformers' sliding window: key position > query position - window.
                 # Measured by position, not row index: a prefix-shared rejected reply sits a
                 # whole chosen reply after the prompt it continues (within a segment the two
                 # agree otherwise). `window` is traced under scan (alternating layers share
                 # one compiled body); 0 = a full-attention layer.
-                distance_Bx1xTxS = positions_BxT[:, None, :, None] - positions_BxT[:, None, None, :]
-                mask_Bx1xTxS &= (window <= 0) | (distance_Bx1xTxS < window)
+                distance_Bx1xTxU = positions_BxT[:, None, :, None] - positions_BxT[:, None, None, :]
+                mask_Bx1xTxU &= (window <= 0) | (distance_Bx1xTxU < window)
             if branch_ids_BxT is not None:
-                key_branch_Bx1x1xS = branch_ids_BxT[:, None, None, :]
-                mask_Bx1xTxS &= (key_branch_Bx1x1xS == 0) | (
-                    key_branch_Bx1x1xS == branch_ids_BxT[:, None, :, None]
+                key_branch_Bx1x1xU = branch_ids_BxT[:, None, None, :]
+                mask_Bx1xTxU &= (key_branch_Bx1x1xU == 0) | (
+                    key_branch_Bx1x1xU == branch_ids_BxT[:, None, :, None]
                 )
             # Causal by index (is_causal): the fast kernels' own mask.
             out_BxTxNxH = attention.masked_attention(
                 q_BxTxNxH,
                 k_BxTxKxH,
                 v_BxTxKxH,
-                mask_Bx1xTxS,
+                mask_Bx1xTxU,
                 c,
                 is_causal=True,
                 impl=c.attention_impl,
@@ -220,7 +220,7 @@ class Attention(nn.Module):
         """Writes this call's keys/values into the cache at slot = position (tokens with
         segment id 0, or past the cache, are not written) and returns the whole cache with
         the mask of the slots each query sees."""
-        # At init (init_cache) the input is [B, S] and fixes the cache length S.
+        # At init (init_cache) the input is [B, U] and fixes the cache length U.
         cached_k = self.variable("cache", "k", jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
         cached_v = self.variable("cache", "v", jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype)
         filled = self.variable("cache", "filled", jnp.zeros, positions_BxT.shape, bool)
@@ -230,11 +230,11 @@ class Attention(nn.Module):
         cached_k.value = cached_k.value.at[rows_Bx1, slots_BxT].set(k_BxTxKxH, mode="drop")
         cached_v.value = cached_v.value.at[rows_Bx1, slots_BxT].set(v_BxTxKxH, mode="drop")
         filled.value = filled.value.at[rows_Bx1, slots_BxT].set(True, mode="drop")
-        distance_BxTxS = positions_BxT[:, :, None] - jnp.arange(s)[None, None, :]
-        mask_BxTxS = filled.value[:, None, :] & (distance_BxTxS >= 0)
+        distance_BxTxU = positions_BxT[:, :, None] - jnp.arange(s)[None, None, :]
+        mask_BxTxU = filled.value[:, None, :] & (distance_BxTxU >= 0)
         if self.config.sliding_window is not None:
-            mask_BxTxS &= (window <= 0) | (distance_BxTxS < window)
-        return cached_k.value, cached_v.value, mask_BxTxS[:, None]
+            mask_BxTxU &= (window <= 0) | (distance_BxTxU < window)
+        return cached_k.value, cached_v.value, mask_BxTxU[:, None]
 
 
 class Mlp(nn.Module):

@@ -3,14 +3,15 @@
     from dpo_jax.losses import PairLogps, preference_loss, LOSSES, token_logps, sequence_logps
 
 Log-probs flow token -> sequence -> pair: `token_logps` (or `chunked_token_logps`, which never
-builds the [N, V] logits), `sequence_logps` (segment sum, padded and packed rows alike),
+builds the [M, V] logits), `sequence_logps` (segment sum, padded and packed rows alike),
 `PairLogps.from_sequences` (chosen of pair p is sequence 2p, rejected 2p+1), then
 `preference_loss`, which returns per-pair losses and metrics; the caller divides by the global
 count of valid pairs. Loss names and meanings follow Hugging Face TRL's `DPOConfig.loss_type`.
 
-Shape suffixes: B pairs, S sequences (2 per pair), R rows, T tokens per row, N tokens
-(leading dims flattened), D model dim, V vocab, C vocab chunk. A leading `x` (`logits_xV`)
-means any leading dims. Every reduction runs in float32, whatever the input dtype.
+Shape suffixes (the package's one legend, dpo_jax/__init__.py): P pairs, S sequences (2 per
+pair), R rows, T tokens per row, M tokens with the leading dims flattened, D model dim,
+V vocab, C vocab chunk. A leading `x` (`logits_xV`) means any leading dims. Every reduction
+runs in float32, whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -40,102 +41,102 @@ def token_logps(logits_xV: Array, labels_x: Array) -> Array:
 
 
 def chunked_token_logps(
-    hidden_NxD: Array,
+    hidden_MxD: Array,
     unembed_DxV: Array,
-    labels_N: Array,
+    labels_M: Array,
     *,
     chunk_size: int = 4096,
     logit_softcap: float | None = None,
 ) -> tuple[Array, Array]:
-    """(log p(label), mean logit over the vocab) per token, without materialising [N, V].
+    """(log p(label), mean logit over the vocab) per token, without materialising [M, V].
 
     Equals `token_logps(hidden @ unembed, labels)` and `(hidden @ unembed).mean(-1)` (after the
     optional Gemma-2 soft cap `cap * tanh(logits / cap)`), values and gradients. Callers flatten
     leading dims to N first. The matmuls run in the input dtype with fp32 accumulation; the
-    backward recomputes one [N, C] chunk at a time and returns grads in the input dtypes.
+    backward recomputes one [M, C] chunk at a time and returns grads in the input dtypes.
     """
-    if hidden_NxD.ndim != 2 or unembed_DxV.ndim != 2 or labels_N.ndim != 1:
-        raise ValueError("expected hidden [N, D], unembed [D, V], labels [N]; flatten leading dims")
+    if hidden_MxD.ndim != 2 or unembed_DxV.ndim != 2 or labels_M.ndim != 1:
+        raise ValueError("expected hidden [M, D], unembed [D, V], labels [M]; flatten leading dims")
     chunk = min(int(chunk_size), unembed_DxV.shape[1])
     softcap = None if logit_softcap is None else float(logit_softcap)
-    return _chunked_logps(hidden_NxD, unembed_DxV, labels_N.astype(jnp.int32), chunk, softcap)
+    return _chunked_logps(hidden_MxD, unembed_DxV, labels_M.astype(jnp.int32), chunk, softcap)
 
 
-def _chunk_logits(hidden_NxD, unembed_DxV, index, chunk, softcap):
+def _chunk_logits(hidden_MxD, unembed_DxV, index, chunk, softcap):
     """fp32 logits of vocab chunk `index`; `fresh_C` masks columns an earlier chunk counted."""
     vocab = unembed_DxV.shape[1]
     # The last chunk slides back to end at V instead of padding V up to a multiple of C: same
     # masked-column semantics, but the [D, V] unembedding is never copied.
     start = jnp.minimum(index * chunk, vocab - chunk)
     unembed_DxC = lax.dynamic_slice_in_dim(unembed_DxV, start, chunk, axis=1)
-    logits_NxC = jnp.einsum("ND,DC->NC", hidden_NxD, unembed_DxC, preferred_element_type=_F32)
+    logits_MxC = jnp.einsum("MD,DC->MC", hidden_MxD, unembed_DxC, preferred_element_type=_F32)
     if softcap is not None:
-        logits_NxC = softcap * jnp.tanh(logits_NxC / softcap)
+        logits_MxC = softcap * jnp.tanh(logits_MxC / softcap)
     vocab_ids_C = start + jnp.arange(chunk)
     fresh_C = vocab_ids_C >= index * chunk
-    return start, unembed_DxC, logits_NxC, vocab_ids_C, fresh_C
+    return start, unembed_DxC, logits_MxC, vocab_ids_C, fresh_C
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_logps(hidden_NxD, unembed_DxV, labels_N, chunk, softcap):
-    return _chunked_fwd(hidden_NxD, unembed_DxV, labels_N, chunk, softcap)[0]
+def _chunked_logps(hidden_MxD, unembed_DxV, labels_M, chunk, softcap):
+    return _chunked_fwd(hidden_MxD, unembed_DxV, labels_M, chunk, softcap)[0]
 
 
-def _chunked_fwd(hidden_NxD, unembed_DxV, labels_N, chunk, softcap):
-    num_tokens, vocab = hidden_NxD.shape[0], unembed_DxV.shape[1]
+def _chunked_fwd(hidden_MxD, unembed_DxV, labels_M, chunk, softcap):
+    num_tokens, vocab = hidden_MxD.shape[0], unembed_DxV.shape[1]
 
     def step(carry, index):
-        max_N, sumexp_N, label_logit_N, logit_sum_N = carry
-        _, _, logits_NxC, vocab_ids_C, fresh_C = _chunk_logits(
-            hidden_NxD, unembed_DxV, index, chunk, softcap
+        max_M, sumexp_M, label_logit_M, logit_sum_M = carry
+        _, _, logits_MxC, vocab_ids_C, fresh_C = _chunk_logits(
+            hidden_MxD, unembed_DxV, index, chunk, softcap
         )
-        masked_NxC = jnp.where(fresh_C[None, :], logits_NxC, -jnp.inf)
+        masked_MxC = jnp.where(fresh_C[None, :], logits_MxC, -jnp.inf)
         # Online logsumexp: rescale the running sum to the new running max.
-        new_max_N = jnp.maximum(max_N, masked_NxC.max(axis=-1))
-        sumexp_N = sumexp_N * jnp.exp(max_N - new_max_N) + jnp.exp(
-            masked_NxC - new_max_N[:, None]
+        new_max_M = jnp.maximum(max_M, masked_MxC.max(axis=-1))
+        sumexp_M = sumexp_M * jnp.exp(max_M - new_max_M) + jnp.exp(
+            masked_MxC - new_max_M[:, None]
         ).sum(axis=-1)
-        is_label_NxC = (vocab_ids_C[None, :] == labels_N[:, None]) & fresh_C[None, :]
-        label_logit_N += jnp.where(is_label_NxC, logits_NxC, 0.0).sum(axis=-1)
-        logit_sum_N += jnp.where(fresh_C[None, :], logits_NxC, 0.0).sum(axis=-1)
-        return (new_max_N, sumexp_N, label_logit_N, logit_sum_N), None
+        is_label_MxC = (vocab_ids_C[None, :] == labels_M[:, None]) & fresh_C[None, :]
+        label_logit_M += jnp.where(is_label_MxC, logits_MxC, 0.0).sum(axis=-1)
+        logit_sum_M += jnp.where(fresh_C[None, :], logits_MxC, 0.0).sum(axis=-1)
+        return (new_max_M, sumexp_M, label_logit_M, logit_sum_M), None
 
-    zeros_N = jnp.zeros((num_tokens,), _F32)
-    init = (jnp.full((num_tokens,), -jnp.inf, _F32), zeros_N, zeros_N, zeros_N)
+    zeros_M = jnp.zeros((num_tokens,), _F32)
+    init = (jnp.full((num_tokens,), -jnp.inf, _F32), zeros_M, zeros_M, zeros_M)
     num_chunks = -(-vocab // chunk)
-    (max_N, sumexp_N, label_logit_N, logit_sum_N), _ = lax.scan(step, init, jnp.arange(num_chunks))
-    logsumexp_N = max_N + jnp.log(sumexp_N)
-    outputs = (label_logit_N - logsumexp_N, logit_sum_N / vocab)
-    return outputs, (hidden_NxD, unembed_DxV, labels_N, logsumexp_N)
+    (max_M, sumexp_M, label_logit_M, logit_sum_M), _ = lax.scan(step, init, jnp.arange(num_chunks))
+    logsumexp_M = max_M + jnp.log(sumexp_M)
+    outputs = (label_logit_M - logsumexp_M, logit_sum_M / vocab)
+    return outputs, (hidden_MxD, unembed_DxV, labels_M, logsumexp_M)
 
 
 def _chunked_bwd(chunk, softcap, residuals, cotangents):
-    hidden_NxD, unembed_DxV, labels_N, logsumexp_N = residuals
-    dlogps_N, dmean_N = (c.astype(_F32) for c in cotangents)
+    hidden_MxD, unembed_DxV, labels_M, logsumexp_M = residuals
+    dlogps_M, dmean_M = (c.astype(_F32) for c in cotangents)
     vocab = unembed_DxV.shape[1]
 
     def step(carry, index):
-        dhidden_NxD, dunembed_DxV = carry
-        start, unembed_DxC, logits_NxC, vocab_ids_C, fresh_C = _chunk_logits(
-            hidden_NxD, unembed_DxV, index, chunk, softcap
+        dhidden_MxD, dunembed_DxV = carry
+        start, unembed_DxC, logits_MxC, vocab_ids_C, fresh_C = _chunk_logits(
+            hidden_MxD, unembed_DxV, index, chunk, softcap
         )
         # d logp / d logits = onehot(label) - softmax;  d mean / d logits = 1 / V.
-        probs_NxC = jnp.exp(logits_NxC - logsumexp_N[:, None])
-        onehot_NxC = (vocab_ids_C[None, :] == labels_N[:, None]).astype(_F32)
-        dlogits_NxC = dlogps_N[:, None] * (onehot_NxC - probs_NxC) + dmean_N[:, None] / vocab
+        probs_MxC = jnp.exp(logits_MxC - logsumexp_M[:, None])
+        onehot_MxC = (vocab_ids_C[None, :] == labels_M[:, None]).astype(_F32)
+        dlogits_MxC = dlogps_M[:, None] * (onehot_MxC - probs_MxC) + dmean_M[:, None] / vocab
         if softcap is not None:  # d/dz cap*tanh(z/cap) = 1 - tanh^2 = 1 - (logit/cap)^2
-            dlogits_NxC *= 1.0 - jnp.square(logits_NxC / softcap)
-        dlogits_NxC = jnp.where(fresh_C[None, :], dlogits_NxC, 0.0)
-        dhidden_NxD += jnp.einsum(
-            "NC,DC->ND",
-            dlogits_NxC.astype(unembed_DxC.dtype),
+            dlogits_MxC *= 1.0 - jnp.square(logits_MxC / softcap)
+        dlogits_MxC = jnp.where(fresh_C[None, :], dlogits_MxC, 0.0)
+        dhidden_MxD += jnp.einsum(
+            "MC,DC->MD",
+            dlogits_MxC.astype(unembed_DxC.dtype),
             unembed_DxC,
             preferred_element_type=_F32,
         )
         dunembed_DxC = jnp.einsum(
-            "ND,NC->DC",
-            hidden_NxD,
-            dlogits_NxC.astype(hidden_NxD.dtype),
+            "MD,MC->DC",
+            hidden_MxD,
+            dlogits_MxC.astype(hidden_MxD.dtype),
             preferred_element_type=_F32,
         )
         # Add rather than overwrite: the slid-back last chunk overlaps the one before it
@@ -143,12 +144,12 @@ def _chunked_bwd(chunk, softcap, residuals, cotangents):
         old_DxC = lax.dynamic_slice_in_dim(dunembed_DxV, start, chunk, axis=1)
         new_DxC = (old_DxC.astype(_F32) + dunembed_DxC).astype(dunembed_DxV.dtype)
         dunembed_DxV = lax.dynamic_update_slice_in_dim(dunembed_DxV, new_DxC, start, axis=1)
-        return (dhidden_NxD, dunembed_DxV), None
+        return (dhidden_MxD, dunembed_DxV), None
 
-    init = (jnp.zeros(hidden_NxD.shape, _F32), jnp.zeros_like(unembed_DxV))
+    init = (jnp.zeros(hidden_MxD.shape, _F32), jnp.zeros_like(unembed_DxV))
     num_chunks = -(-vocab // chunk)
-    (dhidden_NxD, dunembed_DxV), _ = lax.scan(step, init, jnp.arange(num_chunks))
-    return dhidden_NxD.astype(hidden_NxD.dtype), dunembed_DxV, None
+    (dhidden_MxD, dunembed_DxV), _ = lax.scan(step, init, jnp.arange(num_chunks))
+    return dhidden_MxD.astype(hidden_MxD.dtype), dunembed_DxV, None
 
 
 _chunked_logps.defvjp(_chunked_fwd, _chunked_bwd)
@@ -164,10 +165,10 @@ def sequence_logps(
     """
     mask_RxT = loss_mask_RxT.astype(bool)
     values_RxT = jnp.where(mask_RxT, token_logps_RxT.astype(_F32), 0.0)
-    ids_N = sequence_ids_RxT.reshape(-1)
-    logps_S = jax.ops.segment_sum(values_RxT.reshape(-1), ids_N, num_segments=num_sequences)
+    ids_M = sequence_ids_RxT.reshape(-1)
+    logps_S = jax.ops.segment_sum(values_RxT.reshape(-1), ids_M, num_segments=num_sequences)
     lengths_S = jax.ops.segment_sum(
-        mask_RxT.astype(_F32).reshape(-1), ids_N, num_segments=num_sequences
+        mask_RxT.astype(_F32).reshape(-1), ids_M, num_segments=num_sequences
     )
     return logps_S, lengths_S
 
@@ -203,66 +204,66 @@ class PairLogps(NamedTuple):
 
     def averaged(self) -> PairLogps:
         """Per-token averages (lengths kept); an empty completion counts as length 1."""
-        len_w_B = jnp.maximum(self.chosen_lengths, 1.0)
-        len_l_B = jnp.maximum(self.rejected_lengths, 1.0)
+        len_w_P = jnp.maximum(self.chosen_lengths, 1.0)
+        len_l_P = jnp.maximum(self.rejected_lengths, 1.0)
         return self._replace(
-            policy_chosen=self.policy_chosen / len_w_B,
-            policy_rejected=self.policy_rejected / len_l_B,
-            reference_chosen=self.reference_chosen / len_w_B,
-            reference_rejected=self.reference_rejected / len_l_B,
+            policy_chosen=self.policy_chosen / len_w_P,
+            policy_rejected=self.policy_rejected / len_l_P,
+            reference_chosen=self.reference_chosen / len_w_P,
+            reference_rejected=self.reference_rejected / len_l_P,
         )
 
     def without_reference(self) -> PairLogps:
         """Reference log-probs set to 0 (a uniform reference: the reference-free variants)."""
-        zeros_B = jnp.zeros_like(self.policy_chosen)
-        return self._replace(reference_chosen=zeros_B, reference_rejected=zeros_B)
+        zeros_P = jnp.zeros_like(self.policy_chosen)
+        return self._replace(reference_chosen=zeros_P, reference_rejected=zeros_P)
 
 
-def _margin_B(lp: PairLogps) -> Array:
+def _margin_P(lp: PairLogps) -> Array:
     """z = (log pi_w - log pi_l) - (log ref_w - log ref_l)."""
     return (lp.policy_chosen - lp.policy_rejected) - (lp.reference_chosen - lp.reference_rejected)
 
 
-def _logratios_B(lp: PairLogps) -> tuple[Array, Array]:
+def _logratios_P(lp: PairLogps) -> tuple[Array, Array]:
     """(log pi_w - log ref_w, log pi_l - log ref_l)."""
     return lp.policy_chosen - lp.reference_chosen, lp.policy_rejected - lp.reference_rejected
 
 
-def _smoothed_logistic_B(x_B: Array, label_smoothing: float) -> Array:
+def _smoothed_logistic_P(x_P: Array, label_smoothing: float) -> Array:
     """-(1-e) log sig(x) - e log sig(-x): logistic loss with labels flipped with probability e."""
-    return -(1.0 - label_smoothing) * log_sigmoid(x_B) - label_smoothing * log_sigmoid(-x_B)
+    return -(1.0 - label_smoothing) * log_sigmoid(x_P) - label_smoothing * log_sigmoid(-x_P)
 
 
-def _valid(pair_mask_B: Array | None, like_B: Array) -> Array:
-    return jnp.ones(like_B.shape, bool) if pair_mask_B is None else pair_mask_B.astype(bool)
+def _valid(pair_mask_P: Array | None, like_P: Array) -> Array:
+    return jnp.ones(like_P.shape, bool) if pair_mask_P is None else pair_mask_P.astype(bool)
 
 
-# Per-pair losses: each takes prepared PairLogps, keyword-only hparams, returns loss_B ------
+# Per-pair losses: each takes prepared PairLogps, keyword-only hparams, returns loss_P ------
 
 
 def sigmoid_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
     """DPO (arXiv 2305.18290): -log sig(b z); label smoothing e gives cDPO,
     -(1-e) log sig(b z) - e log sig(-b z)."""
-    return _smoothed_logistic_B(beta * _margin_B(lp), label_smoothing)
+    return _smoothed_logistic_P(beta * _margin_P(lp), label_smoothing)
 
 
 def robust_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
     """rDPO (arXiv 2403.00409): [-(1-e) log sig(bz) + e log sig(-bz)] / (1 - 2e), e < 1/2."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    x_B = beta * _margin_B(lp)
+    x_P = beta * _margin_P(lp)
     eps = label_smoothing
-    return (-(1.0 - eps) * log_sigmoid(x_B) + eps * log_sigmoid(-x_B)) / (1.0 - 2.0 * eps)
+    return (-(1.0 - eps) * log_sigmoid(x_P) + eps * log_sigmoid(-x_P)) / (1.0 - 2.0 * eps)
 
 
 def hinge_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """SLiC (arXiv 2305.10425): max(0, 1 - beta z)."""
-    return jax.nn.relu(1.0 - beta * _margin_B(lp))
+    return jax.nn.relu(1.0 - beta * _margin_P(lp))
 
 
 def ipo_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """IPO (arXiv 2310.12036, eq. 17): (z - 1/(2 beta))^2 on length-averaged log-probs."""
-    return jnp.square(_margin_B(lp) - 0.5 / beta)
+    return jnp.square(_margin_P(lp) - 0.5 / beta)
 
 
 def exo_pair_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
@@ -271,15 +272,15 @@ def exo_pair_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, *
     sig(bz) [log sig(bz) - log(1-e)] + sig(-bz) [log sig(-bz) - log e], e = 1e-3 when 0 (as TRL).
     """
     eps = label_smoothing if label_smoothing != 0 else 1e-3
-    x_B = beta * _margin_B(lp)
-    agree_B = jax.nn.sigmoid(x_B) * (log_sigmoid(x_B) - math.log(1.0 - eps))
-    return agree_B + jax.nn.sigmoid(-x_B) * (log_sigmoid(-x_B) - math.log(eps))
+    x_P = beta * _margin_P(lp)
+    agree_P = jax.nn.sigmoid(x_P) * (log_sigmoid(x_P) - math.log(1.0 - eps))
+    return agree_P + jax.nn.sigmoid(-x_P) * (log_sigmoid(-x_P) - math.log(eps))
 
 
 def nca_pair_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """NCA (arXiv 2402.05369): -log sig(r_w) - log sig(-r_w)/2 - log sig(-r_l)/2, r = b*logratio."""
-    reward_w_B, reward_l_B = (beta * r_B for r_B in _logratios_B(lp))
-    return -log_sigmoid(reward_w_B) - 0.5 * (log_sigmoid(-reward_w_B) + log_sigmoid(-reward_l_B))
+    reward_w_P, reward_l_P = (beta * r_P for r_P in _logratios_P(lp))
+    return -log_sigmoid(reward_w_P) - 0.5 * (log_sigmoid(-reward_w_P) + log_sigmoid(-reward_l_P))
 
 
 def bco_pair_loss(
@@ -291,29 +292,29 @@ def bco_pair_loss(
     delta is `bco_delta` when given, else the (stop-gradient) mean of this batch's chosen and
     rejected rewards over valid pairs. Pass a running mean from the train loop to match TRL.
     """
-    reward_w_B, reward_l_B = (beta * r_B for r_B in _logratios_B(lp))
+    reward_w_P, reward_l_P = (beta * r_P for r_P in _logratios_P(lp))
     if bco_delta is None:
-        valid_B = _valid(pair_mask, reward_w_B)
-        total = jnp.where(valid_B, reward_w_B + reward_l_B, 0.0).sum()
-        bco_delta = lax.stop_gradient(total / (2.0 * jnp.maximum(valid_B.sum(), 1)))
-    return -log_sigmoid(reward_w_B - bco_delta) - log_sigmoid(-(reward_l_B - bco_delta))
+        valid_P = _valid(pair_mask, reward_w_P)
+        total = jnp.where(valid_P, reward_w_P + reward_l_P, 0.0).sum()
+        bco_delta = lax.stop_gradient(total / (2.0 * jnp.maximum(valid_P.sum(), 1)))
+    return -log_sigmoid(reward_w_P - bco_delta) - log_sigmoid(-(reward_l_P - bco_delta))
 
 
 def sppo_hard_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """SPPO, hard labels (arXiv 2405.00675, eq. 4.7 with P = 1 for the winner, 0 for the loser):
     (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, a = logratio (not scaled by beta)."""
-    logratio_w_B, logratio_l_B = _logratios_B(lp)
-    return jnp.square(logratio_w_B - 0.5 / beta) + jnp.square(logratio_l_B + 0.5 / beta)
+    logratio_w_P, logratio_l_P = _logratios_P(lp)
+    return jnp.square(logratio_w_P - 0.5 / beta) + jnp.square(logratio_l_P + 0.5 / beta)
 
 
-def _sorted_gap_B(a_B: Array, b_B: Array, pair_mask_B: Array | None) -> Array:
+def _sorted_gap_P(a_P: Array, b_P: Array, pair_mask_P: Array | None) -> Array:
     """sort(a) - sort(b) over valid pairs; the k-th gap goes to the k-th valid pair, 0 elsewhere."""
-    valid_B = _valid(pair_mask_B, a_B)
+    valid_P = _valid(pair_mask_P, a_P)
     # Invalid pairs sort to the end of both arrays, so valid ranks line up whatever they hold.
     fill = jnp.finfo(_F32).max
-    gap_B = jnp.sort(jnp.where(valid_B, a_B, fill)) - jnp.sort(jnp.where(valid_B, b_B, fill))
-    rank_B = jnp.maximum(jnp.cumsum(valid_B) - 1, 0)
-    return jnp.where(valid_B, gap_B[rank_B], 0.0)
+    gap_P = jnp.sort(jnp.where(valid_P, a_P, fill)) - jnp.sort(jnp.where(valid_P, b_P, fill))
+    rank_P = jnp.maximum(jnp.cumsum(valid_P) - 1, 0)
+    return jnp.where(valid_P, gap_P[rank_P], 0.0)
 
 
 def aot_loss(
@@ -322,10 +323,10 @@ def aot_loss(
     """AOT paired (arXiv 2406.05882): smoothed -log sig(beta d) with
     d = sort_batch(log pi_w - log pi_l) - sort_batch(log ref_w - log ref_l).
     Entry k is the k-th rank's loss (sorting is per call: per micro-batch under accumulation)."""
-    policy_B = lp.policy_chosen - lp.policy_rejected
-    gap_B = _sorted_gap_B(policy_B, lp.reference_chosen - lp.reference_rejected, pair_mask)
+    policy_P = lp.policy_chosen - lp.policy_rejected
+    gap_P = _sorted_gap_P(policy_P, lp.reference_chosen - lp.reference_rejected, pair_mask)
     return jnp.where(
-        _valid(pair_mask, gap_B), _smoothed_logistic_B(beta * gap_B, label_smoothing), 0
+        _valid(pair_mask, gap_P), _smoothed_logistic_P(beta * gap_P, label_smoothing), 0
     )
 
 
@@ -334,40 +335,40 @@ def aot_unpaired_loss(
 ) -> Array:
     """AOT unpaired (arXiv 2406.05882): smoothed -log sig(beta d) with
     d = sort_batch(a_w) - sort_batch(a_l), a = logratio. Entry k is the k-th rank's loss."""
-    gap_B = _sorted_gap_B(*_logratios_B(lp), pair_mask)
+    gap_P = _sorted_gap_P(*_logratios_P(lp), pair_mask)
     return jnp.where(
-        _valid(pair_mask, gap_B), _smoothed_logistic_B(beta * gap_B, label_smoothing), 0
+        _valid(pair_mask, gap_P), _smoothed_logistic_P(beta * gap_P, label_smoothing), 0
     )
 
 
 def apo_zero_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """APO-zero (arXiv 2408.06266, eq. 7): 1 - sig(beta a_w) + sig(beta a_l), a = logratio."""
-    logratio_w_B, logratio_l_B = _logratios_B(lp)
-    return 1.0 - jax.nn.sigmoid(beta * logratio_w_B) + jax.nn.sigmoid(beta * logratio_l_B)
+    logratio_w_P, logratio_l_P = _logratios_P(lp)
+    return 1.0 - jax.nn.sigmoid(beta * logratio_w_P) + jax.nn.sigmoid(beta * logratio_l_P)
 
 
 def apo_down_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """APO-down (arXiv 2408.06266, eq. 8): sig(beta a_w) + 1 - sig(beta (a_w - a_l))."""
-    logratio_w_B, logratio_l_B = _logratios_B(lp)
+    logratio_w_P, logratio_l_P = _logratios_P(lp)
     return (
-        jax.nn.sigmoid(beta * logratio_w_B)
+        jax.nn.sigmoid(beta * logratio_w_P)
         + 1.0
-        - jax.nn.sigmoid(beta * (logratio_w_B - logratio_l_B))
+        - jax.nn.sigmoid(beta * (logratio_w_P - logratio_l_P))
     )
 
 
 def discopop_loss(lp: PairLogps, *, beta: float, discopop_tau: float = 0.05, **_) -> Array:
     """DiscoPOP / LRML (arXiv 2406.08414, eq. 5), t = beta z, m = sig(t / tau):
     (1 - m) (-log sig(t)) + m exp(-t)."""
-    t_B = beta * _margin_B(lp)
+    t_P = beta * _margin_P(lp)
     # m * exp(-t) as exp(log m - t): exp(-t) alone overflows for t << 0, where m is ~0.
-    exp_part_B = jnp.exp(log_sigmoid(t_B / discopop_tau) - t_B)
-    return -jax.nn.sigmoid(-t_B / discopop_tau) * log_sigmoid(t_B) + exp_part_B
+    exp_part_P = jnp.exp(log_sigmoid(t_P / discopop_tau) - t_P)
+    return -jax.nn.sigmoid(-t_P / discopop_tau) * log_sigmoid(t_P) + exp_part_P
 
 
 def sigmoid_norm_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """TRL's length-normalised DPO: -log sig(beta z) on per-token-averaged log-probs."""
-    return -log_sigmoid(beta * _margin_B(lp))
+    return -log_sigmoid(beta * _margin_P(lp))
 
 
 def sft_loss(lp: PairLogps, *, sft_average_log_probs: bool = True, **_) -> Array:
@@ -384,8 +385,8 @@ def simpo_loss(
     lp: PairLogps, *, beta: float, simpo_gamma: float = 0.5, label_smoothing: float = 0.0, **_
 ) -> Array:
     """SimPO (arXiv 2405.14734): -log sig(beta (avg_w - avg_l) - gamma), smoothed as TRL's CPO."""
-    x_B = beta * (lp.policy_chosen - lp.policy_rejected) - simpo_gamma
-    return _smoothed_logistic_B(x_B, label_smoothing)
+    x_P = beta * (lp.policy_chosen - lp.policy_rejected) - simpo_gamma
+    return _smoothed_logistic_P(x_P, label_smoothing)
 
 
 def _log1mexp(x: Array) -> Array:
@@ -393,17 +394,17 @@ def _log1mexp(x: Array) -> Array:
     x = jnp.minimum(x, -1e-20)  # x = 0 (certainty) would give log 0
     near_zero = x > -math.log(2.0)
     # Each branch sees only inputs where it is finite, so where() never back-propagates a NaN.
-    near_B = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
-    far_B = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
-    return jnp.where(near_zero, near_B, far_B)
+    near_P = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
+    far_P = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
+    return jnp.where(near_zero, near_P, far_P)
 
 
 def orpo_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     """ORPO (arXiv 2403.07691): -beta log sig(log_odds) - a_w, a = average log-prob,
     log_odds = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))."""
-    avg_w_B, avg_l_B = lp.policy_chosen, lp.policy_rejected
-    log_odds_B = (avg_w_B - avg_l_B) - (_log1mexp(avg_w_B) - _log1mexp(avg_l_B))
-    return -beta * log_sigmoid(log_odds_B) - avg_w_B
+    avg_w_P, avg_l_P = lp.policy_chosen, lp.policy_rejected
+    log_odds_P = (avg_w_P - avg_l_P) - (_log1mexp(avg_w_P) - _log1mexp(avg_l_P))
+    return -beta * log_sigmoid(log_odds_P) - avg_w_P
 
 
 LOSSES: dict[str, Callable[..., Array]] = {
@@ -435,10 +436,10 @@ REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
 # The combined loss -----------------------------------------------------------------------
 
 
-def masked_mean(x_B: Array, mask_B: Array) -> Array:
+def masked_mean(x_P: Array, mask_P: Array) -> Array:
     """sum(x * mask) / max(sum(mask), 1), in fp32."""
-    mask_B = mask_B.astype(_F32)
-    return jnp.sum(x_B.astype(_F32) * mask_B) / jnp.maximum(jnp.sum(mask_B), 1.0)
+    mask_P = mask_P.astype(_F32)
+    return jnp.sum(x_P.astype(_F32) * mask_P) / jnp.maximum(jnp.sum(mask_P), 1.0)
 
 
 def _prepare(lp: PairLogps, *, average: bool, reference_free: bool) -> PairLogps:
@@ -461,7 +462,7 @@ def preference_loss(
     pair_mask: Array | None = None,
     **hparams,
 ) -> tuple[Array, dict[str, Array]]:
-    """Per-pair loss_B and per-pair float32 metrics (zero on pairs where pair_mask is False).
+    """Per-pair loss_P and per-pair float32 metrics (zero on pairs where pair_mask is False).
 
     loss = preference_loss_weight * sum_{i not sft} w_i L_i + sum_{i sft} w_i L_sft
            + sft_loss_weight * L_sft.
@@ -488,24 +489,24 @@ def preference_loss(
         raise ValueError(f"unknown loss hyper-parameters {bad}; valid: {sorted(accepted)}")
 
     logps = PairLogps(*(jnp.asarray(x).astype(_F32) for x in logps))
-    valid_B = _valid(pair_mask, logps.policy_chosen)
-    hparams = dict(hparams, beta=beta, label_smoothing=label_smoothing, pair_mask=valid_B)
+    valid_P = _valid(pair_mask, logps.policy_chosen)
+    hparams = dict(hparams, beta=beta, label_smoothing=label_smoothing, pair_mask=valid_P)
 
-    sft_B = sft_loss(logps, sft_average_log_probs=sft_average_log_probs)
-    preference_B = jnp.zeros_like(logps.policy_chosen)
-    weighted_sft_B = jnp.zeros_like(logps.policy_chosen)
+    sft_P = sft_loss(logps, sft_average_log_probs=sft_average_log_probs)
+    preference_P = jnp.zeros_like(logps.policy_chosen)
+    weighted_sft_P = jnp.zeros_like(logps.policy_chosen)
     for name, weight in zip(names, weights, strict=True):
         if name == "sft":
-            weighted_sft_B += weight * sft_B
+            weighted_sft_P += weight * sft_P
             continue
         prepared = _prepare(
             logps,
             average=preference_average_log_probs or name in AVERAGED_LOSSES,
             reference_free=reference_free or name in REFERENCE_FREE_LOSSES,
         )
-        preference_B += weight * LOSSES[name](prepared, **hparams)
-    preference_B *= preference_loss_weight
-    loss_B = preference_B + weighted_sft_B + sft_loss_weight * sft_B
+        preference_P += weight * LOSSES[name](prepared, **hparams)
+    preference_P *= preference_loss_weight
+    loss_P = preference_P + weighted_sft_P + sft_loss_weight * sft_P
 
     preference_names = [name for name in names if name != "sft"]
     rewarded = _prepare(
@@ -515,17 +516,17 @@ def preference_loss(
         reference_free=reference_free
         or (bool(preference_names) and all(n in REFERENCE_FREE_LOSSES for n in preference_names)),
     )
-    reward_w_B, reward_l_B = (beta * r for r in _logratios_B(rewarded))
+    reward_w_P, reward_l_P = (beta * r for r in _logratios_P(rewarded))
     metrics = {
-        "rewards/chosen": reward_w_B,
-        "rewards/rejected": reward_l_B,
-        "rewards/margins": reward_w_B - reward_l_B,
-        "rewards/accuracies": (reward_w_B > reward_l_B).astype(_F32),
+        "rewards/chosen": reward_w_P,
+        "rewards/rejected": reward_l_P,
+        "rewards/margins": reward_w_P - reward_l_P,
+        "rewards/accuracies": (reward_w_P > reward_l_P).astype(_F32),
         "logps/chosen": logps.policy_chosen,
         "logps/rejected": logps.policy_rejected,
-        "preference_loss": preference_B,
-        "sft_loss": sft_B,
+        "preference_loss": preference_P,
+        "sft_loss": sft_P,
     }
     # where, not multiply: an inf/NaN in a padding pair must not reach the caller's sums.
-    metrics = {k: lax.stop_gradient(jnp.where(valid_B, v, 0.0)) for k, v in metrics.items()}
-    return jnp.where(valid_B, loss_B, 0.0), metrics
+    metrics = {k: lax.stop_gradient(jnp.where(valid_P, v, 0.0)) for k, v in metrics.items()}
+    return jnp.where(valid_P, loss_P, 0.0), metrics

@@ -4,8 +4,8 @@ Llama 2/3/3.1/3.2 (SmolLM, TinyLlama), Mistral, Qwen2/2.5, Qwen3 and Gemma 2: on
 whose differences are ModelConfig fields (biases, q/k norm, sliding windows, Gemma 2's norm
 offset, embedding scale, sandwich norms, GeGLU and logit soft-capping).
 
-Shape legend: B rows, T tokens, S key tokens, D model, V vocab, N query heads, K kv heads,
-G query heads per kv head, H head dim, F mlp, L layers.
+Shape legend (dpo_jax/__init__.py): B rows, T tokens, U key tokens (cache slots), D model,
+V vocab, N query heads, K kv heads, G query heads per kv head, H head dim, F mlp, L layers.
 
 Parameter tree (`init_params` returns it boxed with logical names; every public function also
 takes the plain, unboxed tree). Stacked layer params carry a leading [L] axis named "layers":
@@ -35,8 +35,8 @@ stored scale s is applied as (1 + s), exactly as HF stores Gemma weights.
 With scan_layers=False the layers live under layers_0 ... layers_{L-1} without the [L] axis.
 
 KV cache (`init_cache` / `decode_step`, generation): the same modules with decode=True keep
-each layer's rotated keys and values in a "cache" collection, k/v [L, B, S, K, H] plus
-filled [L, B, S] (scanned like the params), with slot = position. A query at position p
+each layer's rotated keys and values in a "cache" collection, k/v [L, B, U, K, H] plus
+filled [L, B, U] (scanned like the params), with slot = position. A query at position p
 sees the filled slots s <= p (and p - s < window in sliding layers).
 
 The layer modules live in dpo_jax.layers, ModelConfig and its counts in dpo_jax.model_config;
@@ -170,7 +170,7 @@ def hidden_states(
 
     padded_rows=True promises one sequence per row, starting at index 0, with segment id 1 on
     its tokens and 0 on the trailing padding (not packed rows). Attention then gets each row's
-    length instead of a [B, 1, T, S] mask, which cuDNN runs in its flash kernel rather than as
+    length instead of a [B, 1, T, U] mask, which cuDNN runs in its flash kernel rather than as
     a bias; configs with sliding windows or score caps keep the mask. Hidden states at padded
     positions differ from the mask path's (they are finite, and meaningless either way)."""
     tokens_BxT = jnp.asarray(tokens_BxT)
@@ -218,15 +218,15 @@ def forward(
     return _logits(config, params, h_BxTxD)
 
 
-Cache = Any  # {"layers": {"attn": {"k", "v": [L, B, S, K, H], "filled": [L, B, S]}}} when scanned
+Cache = Any  # {"layers": {"attn": {"k", "v": [L, B, U, K, H], "filled": [L, B, U]}}} when scanned
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
     """An empty KV cache for `batch` rows of up to `max_len` positions (jit-able)."""
-    tokens_BxS = jnp.zeros((batch, max_len), jnp.int32)
+    tokens_BxU = jnp.zeros((batch, max_len), jnp.int32)
     decoder = Decoder(config, decode=True)
     shapes = jax.eval_shape(
-        lambda: decoder.init(jax.random.key(0), tokens_BxS, tokens_BxS, tokens_BxS + 1)["cache"]
+        lambda: decoder.init(jax.random.key(0), tokens_BxU, tokens_BxU, tokens_BxU + 1)["cache"]
     )
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 

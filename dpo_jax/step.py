@@ -1,7 +1,7 @@
 """The pure train and eval steps: batch → policy/reference sequence log-probs → loss → update.
 
-Shape legend: A accumulation micro-batches, R rows, T tokens per row, S sequences (2 per
-pair), P pairs, D model width, V vocabulary.
+Shape legend (dpo_jax/__init__.py): A accumulation micro-batches, R rows, T tokens per row,
+S sequences (2 per pair), P pairs, M tokens flattened, D model width, V vocabulary.
 
 Normalisation is global: every loss and metric is a sum over valid pairs of the whole
 optimizer step divided by the number of valid pairs in it, so micro-batching and sharding
@@ -86,10 +86,10 @@ def sequence_stats(
         padded_rows=padded_rows,
     )
     num_rows, row_length, width = hidden_RxTxD.shape
-    hidden_NxD = hidden_RxTxD.reshape(num_rows * row_length, width)
+    hidden_MxD = hidden_RxTxD.reshape(num_rows * row_length, width)
     unembedding = model.unembedding(model_config, params)
-    logps_N, mean_logits_N = losses.chunked_token_logps(
-        hidden_NxD,
+    logps_M, mean_logits_M = losses.chunked_token_logps(
+        hidden_MxD,
         unembedding,
         batch["labels"].reshape(-1),
         chunk_size=chunk_size,
@@ -98,14 +98,14 @@ def sequence_stats(
     num_sequences = 2 * batch["pair_mask"].shape[-1]
     shape = (num_rows, row_length)
     logps_S, lengths_S = losses.sequence_logps(
-        logps_N.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
+        logps_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
     )
     logit_sums_S, _ = losses.sequence_logps(
-        mean_logits_N.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
+        mean_logits_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
     )
     if "extra_index" in batch:
         extra_logps_P, extra_mean_logits_P = losses.chunked_token_logps(
-            hidden_NxD[batch["extra_index"]],
+            hidden_MxD[batch["extra_index"]],
             unembedding,
             batch["extra_label"],
             chunk_size=chunk_size,
