@@ -17,7 +17,7 @@ import os
 import jax
 from absl import app, flags
 
-from dpo_jax import checkpoint, hf, sharding, state
+from dpo_jax import checkpoint, hf, settings, sharding, state
 from dpo_jax.model import ModelConfig
 
 
@@ -57,7 +57,7 @@ def write_hf(
 
 
 def restore_params(workdir: str, step: int | None = None, devices=None):
-    """(run config dict, ModelConfig, params fsdp-sharded over `devices`, step) of a
+    """(the run's Settings, ModelConfig, params fsdp-sharded over `devices`, step) of a
     checkpoint of `workdir`; the optimizer state is never read."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
@@ -69,23 +69,21 @@ def restore_params(workdir: str, step: int | None = None, devices=None):
             step = ckpt.latest_step()
         if step is None or step not in steps:
             raise ExportError(f"--step {step}: not among the checkpoints of {workdir}: {steps}")
-        config = ckpt.read_config(step)
-        m = config["model"]
-        model_config = hf.read_model_config(m["name"], param_dtype=m.get("param_dtype", "float32"))
+        s = settings.from_config(settings.from_json(ckpt.read_config(step)))
+        # Architecture and weight dtype only: what the exported files hold.
+        model_config = hf.read_model_config(s.model.name, param_dtype=s.model.param_dtype)
         mesh = sharding.make_mesh(1, -1, 1, devices)
-        rules = sharding.mesh_rules(config.get("mesh", {}).get("rules") or sharding.DEFAULT_RULES)
-        shardings = state.param_shardings(model_config, mesh, rules)
+        shardings = state.param_shardings(model_config, mesh, s.mesh.rules)
         params = state.restore_params(ckpt, step, model_config, shardings)
     finally:
         ckpt.close()
-    return config, model_config, params, step
+    return s, model_config, params, step
 
 
 def export(workdir: str, out: str, step: int | None = None, *, dtype=None, devices=None) -> int:
     """Writes checkpoint `step` (default: latest) of `workdir` as an HF folder; returns step."""
-    config, model_config, params, step = restore_params(workdir, step, devices)
-    tokenizer = (config.get("data") or {}).get("tokenizer") or config["model"]["name"]
-    write_hf(out, model_config, params, config["model"]["name"], tokenizer=tokenizer, dtype=dtype)
+    s, model_config, params, step = restore_params(workdir, step, devices)
+    write_hf(out, model_config, params, s.model.name, tokenizer=s.tokenizer, dtype=dtype)
     return step
 
 
@@ -107,7 +105,7 @@ def main(argv) -> None:
     sharding.initialize_distributed()
     try:
         step = export(FLAGS.workdir, FLAGS.out, FLAGS.step, dtype=FLAGS.dtype or None)
-    except (ExportError, hf.HFError) as error:
+    except (ExportError, *settings.USER_ERRORS) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
         print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)

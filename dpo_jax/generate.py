@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dpo_jax import data, export, hf, model
+from dpo_jax import data, export, hf, model, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,9 +317,9 @@ def load_model(path: str, step: int | None = None):
         if not os.path.isdir(os.path.join(path, "checkpoints")):
             raise GenerateError(f"--model {path}: a training workdir without hf/ or checkpoints/")
         run, config, params, step = export.restore_params(path, step)
-        source = hf.resolve_model_path(run["model"]["name"])
+        source = hf.resolve_model_path(run.model.name)
         tokenizer = hf.load_tokenizer(
-            (run.get("data") or {}).get("tokenizer") or source,
+            run.tokenizer if run.tokenizer != run.model.name else source,
             setting=f"data.tokenizer in {path}/config.json",
         )
         return config, params, tokenizer, _eos_ids(tokenizer, source), f"{path} step {step}"
@@ -383,7 +383,7 @@ def main(argv=None) -> None:
             batch_size=args.batch_size,
             eos_id=eos_ids,
         )
-    except (GenerateError, hf.HFError, export.ExportError, OSError) as error:
+    except (GenerateError, export.ExportError, OSError, *settings.USER_ERRORS) as error:
         raise SystemExit(f"error: {error}") from None
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -59,7 +59,13 @@ def make_sampler(
         model_config,
         tokenizer,
         prompts,
-        s.sampling,
+        generate.SamplingConfig(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            seed=s.seed,
+        ),
         load_checker(s.checker),
         apply_chat_template,
     )

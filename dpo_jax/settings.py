@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from dpo_jax import generate, hf, optim
+from dpo_jax import hf, optim
 from dpo_jax.data import DataError, DataSettings
 from dpo_jax.data import cache as data_cache
 from dpo_jax.data.sources import parse_mapping, split_list
@@ -101,7 +101,11 @@ class SampleSettings:
     prompts_file: str  # "" = no samples
     every_steps: int  # 0 = at the end only; -1 = never
     num_prompts: int  # -1 = all
-    sampling: generate.SamplingConfig
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1 = off
+    seed: int
     checker: str  # "" = none
 
 
@@ -398,18 +402,15 @@ def loop_settings(config) -> LoopSettings:
 
 
 def sample_settings(e) -> SampleSettings:
-    sampling = generate.SamplingConfig(
+    return SampleSettings(
+        prompts_file=str(e.sample_prompts_file or ""),
+        every_steps=_number(e, "sample_every_steps", "eval.sample_every_steps", int),
+        num_prompts=_number(e, "num_sample_prompts", "eval.num_sample_prompts", int),
         max_new_tokens=_number(e, "sample_max_new_tokens", "eval.sample_max_new_tokens", int),
         temperature=_number(e, "sample_temperature", "eval.sample_temperature", float),
         top_k=_number(e, "sample_top_k", "eval.sample_top_k", int),
         top_p=_number(e, "sample_top_p", "eval.sample_top_p", float),
         seed=_number(e, "sample_seed", "eval.sample_seed", int),
-    )
-    return SampleSettings(
-        prompts_file=str(e.sample_prompts_file or ""),
-        every_steps=_number(e, "sample_every_steps", "eval.sample_every_steps", int),
-        num_prompts=_number(e, "num_sample_prompts", "eval.num_sample_prompts", int),
-        sampling=sampling,
         checker=str(e.sample_checker or ""),
     )
 

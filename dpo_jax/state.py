@@ -18,7 +18,7 @@ from dpo_jax import checkpoint, hf, model, sharding
 from dpo_jax.model import ModelConfig
 from dpo_jax.step import TrainState
 
-if TYPE_CHECKING:  # settings imports generate, which imports this module
+if TYPE_CHECKING:
     from dpo_jax.settings import ModelSettings
 
 
