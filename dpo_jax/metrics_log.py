@@ -53,11 +53,8 @@ class MetricsWriter:
                 flush=True,
             )
         else:
-            shown = {
-                k: round(v, 4)
-                for k, v in row.items()
-                if k.endswith(("/loss", "/rewards/accuracies", "/rewards/margins"))
-            }
+            headline = ("/loss", "/rewards/accuracies", "/rewards/margins", "_preferred_rate")
+            shown = {k: round(v, 4) for k, v in row.items() if k.endswith(headline)}
             print(f"eval  {step:5d} | {shown}", flush=True)
 
 
