@@ -4,6 +4,8 @@ hook is a no-op costing one dictionary lookup.
 
     DPO_JAX_PAUSE_AT_STEP=N        after step N is dispatched, wait (up to 10 min) until a
                                    signal asks the run to stop; prints "paused at step N"
+    DPO_JAX_PAUSE_SECONDS=S        ...or just S seconds (several processes: only JAX's
+                                   pre-emption sync point knows that one was signalled)
     DPO_JAX_KILL_IN_SAVE=N         SIGKILL this process while checkpoint N is being written
     DPO_JAX_DISK_FULL_AT_SAVE=N    checkpoint N's save fails with ENOSPC (No space left)
 """
@@ -26,6 +28,9 @@ def pause_at(step: int, stopping) -> None:
     if _step("DPO_JAX_PAUSE_AT_STEP") != step:
         return
     print(f"paused at step {step}", flush=True)
+    if "DPO_JAX_PAUSE_SECONDS" in os.environ:
+        time.sleep(float(os.environ["DPO_JAX_PAUSE_SECONDS"]))
+        return
     deadline = time.monotonic() + 600
     while not stopping() and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -148,3 +148,46 @@ def test_two_processes_killed_and_resumed_match_one_process(
         assert difference.max() <= max_apart, (name, difference.max(), max_apart)
         rms = float(np.sqrt(np.mean(difference**2)))
         assert rms <= rms_apart, (name, rms, rms_apart)
+
+
+def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one(
+    single_process, small_train, small_validation, tmp_path
+):
+    """SIGTERM to one trainer only (a scheduler pre-empting one host): JAX's pre-emption
+    sync point makes both save the same step and exit 143; the same command resumes and
+    ends as the one-process run."""
+    workdir = str(tmp_path / "two")
+    args = launch_args(workdir, small_train, small_validation, str(tmp_path / "cache" / "data"))
+    log_path = tmp_path / "first.log"
+    # Both trainers sleep 20 s after step 3, time enough to signal one of them under load;
+    # the sync point stops them at the same step whenever the signal lands.
+    env = launch_env() | {"DPO_JAX_PAUSE_AT_STEP": "3", "DPO_JAX_PAUSE_SECONDS": "20"}
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + DEADLINE_S
+    while "paused at step 3" not in log_path.read_text(errors="replace"):
+        assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    found = subprocess.run(
+        ["pgrep", "-f", "--", f"--workdir {workdir} .*--process_id=1"],
+        capture_output=True,
+        text=True,
+    )
+    (second,) = [int(pid) for pid in found.stdout.split()]
+    os.kill(second, signal.SIGTERM)
+    assert launcher.wait(timeout=DEADLINE_S) == 128 + signal.SIGTERM
+    output = log_path.read_text(errors="replace")
+    saved = [line for line in output.splitlines() if line.startswith("pre-empted: saved step")]
+    assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]  # both, the same step
+    step = int(saved[0].split()[3].rstrip(";"))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and step < STEPS
+
+    finished = subprocess.run(
+        args, env=launch_env(), capture_output=True, text=True, timeout=DEADLINE_S
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert f"resumed from step {step} " in finished.stdout
+    expected, got = read_metrics(single_process), read_metrics(workdir)
+    assert [r["step"] for r in expected] == [r["step"] for r in got]
+    for a, b in zip(expected, got, strict=True):
+        assert_rows_close(a, b)
