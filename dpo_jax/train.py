@@ -35,6 +35,7 @@ from dpo_jax import (
     optim,
     prefetch,
     reference,
+    resume,
     samples,
     settings,
     sharding,
@@ -99,7 +100,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
     # A resume continues the run its checkpoints belong to: a changed config is refused
     # before anything (config.json included) is written.
     if (saved := ckpt.latest_config()) is not None:
-        changes = settings.resume_changes(saved, s.resolved, allow_changed)
+        changes = resume.changes(saved, s.resolved, allow_changed)
         if changes and lead:
             print(f"resuming with config changes: {'; '.join(changes)}", flush=True)
 
