@@ -159,9 +159,9 @@ def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one
     workdir = str(tmp_path / "two")
     args = launch_args(workdir, small_train, small_validation, str(tmp_path / "cache" / "data"))
     log_path = tmp_path / "first.log"
-    # Both trainers sleep 20 s after step 3, time enough to signal one of them under load;
-    # the sync point stops them at the same step whenever the signal lands.
-    env = launch_env() | {"DPO_JAX_PAUSE_AT_STEP": "3", "DPO_JAX_PAUSE_SECONDS": "20"}
+    # Both trainers sleep 8 s after step 3: the test signals within ~0.1 s of the notice,
+    # and a late signal still stops both at one step, only a later one (steps 4-5).
+    env = launch_env() | {"DPO_JAX_PAUSE_AT_STEP": "3", "DPO_JAX_PAUSE_SECONDS": "8"}
     with open(log_path, "w") as log:
         launcher = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + DEADLINE_S

@@ -1,20 +1,15 @@
-"""End-to-end training on the tiny default: step-0 loss, meshes, accumulation, resume."""
+"""End-to-end training on the tiny default: step-0 loss, meshes, accumulation, prefix sharing.
+Kills, signals and resumes of the CLI are tests/test_faults.py's."""
 
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import (
-    FAST,
     PACKED,
-    REPO,
     assert_rows_close,
     fast_config,
     load_config,
@@ -97,46 +92,6 @@ def test_gradient_accumulation_matches_one_big_batch(baseline, small_validation,
         devices=jax.devices()[:1],
     )
     for a, b in zip(read_metrics(baseline[0]), read_metrics(str(tmp_path)), strict=True):
-        assert_rows_close(a, b)
-
-
-def test_killed_run_resumes_identically(baseline, small_validation, tmp_path):
-    """SIGKILL after the step-2 checkpoint; the same command finishes the run, and every
-    later step equals the uninterrupted run."""
-    workdir = str(tmp_path / "run")
-    args = [
-        sys.executable,
-        "-m",
-        "dpo_jax.train",
-        "--config",
-        os.path.join(REPO, "configs/tiny.py"),
-        "--workdir",
-        workdir,
-    ]
-    args += [f"--config.{k}={v}" for k, v in FAST.items()]
-    args += [f"--config.data.validation_file={small_validation}", "--config.training.max_steps=8"]
-    env = dict(os.environ, XLA_FLAGS="")  # one device, like the baseline
-    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    checkpoint = os.path.join(workdir, "checkpoints", "2")
-    deadline = time.time() + 240
-    while not os.path.isdir(checkpoint) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "8")), "killed too late"
-    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    assert "resumed from step" in finished.stdout
-
-    uninterrupted = str(tmp_path / "straight")
-    train.train(
-        fast_config(small_validation, **{"training.max_steps": 8}),
-        uninterrupted,
-        devices=jax.devices()[:1],
-    )
-    expected, got = read_metrics(uninterrupted), read_metrics(workdir)
-    assert [r["step"] for r in expected] == [r["step"] for r in got]
-    for a, b in zip(expected, got, strict=True):
         assert_rows_close(a, b)
 
 
