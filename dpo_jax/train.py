@@ -268,11 +268,12 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             return
         first = int(jax.device_get(train_state.first_nonfinite_step))
         if not s.loop.skip_nonfinite:
+            last = ckpt.latest_step()
+            kept = "no checkpoint yet" if last is None else f"checkpoint {last} kept"
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {first}: its update was not applied and "
-                f"training stopped; the last checkpoint is step {ckpt.latest_step()}. Lower "
-                "training.learning_rate or training.beta, look for extreme pairs in the data, "
-                "or set training.nonfinite=skip to skip such steps"
+                f"training stopped ({kept}). Lower training.learning_rate or training.beta, look "
+                "for extreme pairs in the data, or set training.nonfinite=skip to skip such steps"
             )
         nonfinite_seen = int(count)
         if lead:
