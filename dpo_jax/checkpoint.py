@@ -3,8 +3,11 @@ pre-emption (SIGTERM, Ctrl-C); one run per workdir."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
+import shutil
 import signal
 import time
 
@@ -69,6 +72,7 @@ class Checkpointer:
             ),
         )
         self.stop_signal = None  # the signal that asked the run to save and stop
+        self.in_flight = None  # the step of the last save started (async: maybe unfinished)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -83,17 +87,53 @@ class Checkpointer:
         ).config
 
     def save(self, step: int, state, data_position: dict, config: dict) -> None:
-        faults.before_save(step)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_position),
-                config=ocp.args.JsonSave(config),
-            ),
-            force=True,
-        )
+        self.wait()  # Orbax would wait for a save in flight anyway; a failure is named as its
+        with self._failing_as(step):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_position),
+                    config=ocp.args.JsonSave(config),
+                ),
+                force=True,
+            )
+        self.in_flight = step
         faults.during_save(step)
+
+    def check(self) -> None:
+        """Raises CheckpointError if an asynchronous save has failed; never waits for one in
+        flight. The loop calls it at each log step, so a full disk stops the run within a
+        log interval, not at the next save. (With several processes the failure is raised
+        at the next save or at the end, where every process waits for the save together.)"""
+        if self.in_flight is None or jax.process_count() > 1:
+            return
+        if not self.manager.is_saving_in_progress():
+            self.wait()  # finished: returns at once, or raises its error
+
+    @contextlib.contextmanager
+    def _failing_as(self, step):
+        """Turns whatever Orbax raises while writing checkpoint `step` into one CheckpointError
+        line, after removing its half-written folder (the space it took is needed again)."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001  (Orbax and TensorStore raise many kinds)
+            text = " ".join(str(error).split()) or type(error).__name__
+            full = getattr(error, "errno", None) == errno.ENOSPC or any(
+                sign in text for sign in ("No space left", "RESOURCE_EXHAUSTED", "quota")
+            )
+            if jax.process_index() == 0:
+                for name in os.listdir(self.directory):
+                    if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            older = [s for s in self.steps() if step is None or s < step]
+            kept = f"checkpoint {older[-1]} is intact" if older else "no checkpoint was kept"
+            fix = f"free space in {self.directory}" if full else "fix the cause"
+            reason = "disk full: no space left on device" if full else text[:240]
+            raise CheckpointError(
+                f"checkpoint {step} could not be written ({reason}); {kept}: {fix} and re-run "
+                "the same command to resume"
+            ) from None
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restores onto the shardings held by `abstract_state` (ShapeDtypeStructs)."""
@@ -189,7 +229,9 @@ class Checkpointer:
         return self.stop_signal is not None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failing_as(self.in_flight):
+            self.manager.wait_until_finished()
+        self.in_flight = None
 
     def close(self) -> None:
         self.manager.close()

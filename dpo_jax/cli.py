@@ -7,6 +7,7 @@ Exit statuses: 2 = the command cannot run as given (config, files, a busy workdi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -18,6 +19,42 @@ from absl import flags
 def fail(message: str, status: int) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
+
+
+def os_error_line(error: OSError) -> str:
+    """A failed write or read (a full disk, a permission) as what happened, where, and what
+    to do; a run resumes from its last checkpoint, which such a failure never touches."""
+    where = f" ({error.filename})" if error.filename else ""
+    return (
+        f"{error.strerror or error}{where}; free space (or fix the path) and re-run the same "
+        "command: it resumes from the last checkpoint"
+    )
+
+
+class _OneLineBackgroundErrors(logging.Filter):
+    """Orbax logs a failed background save with its traceback from every thread involved
+    (~500 lines for one full disk). The run reports that failure itself in one line, so
+    Orbax's records keep their first line only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname and record.levelno >= logging.ERROR:
+            record.msg = " ".join(record.getMessage().split())[:300]
+            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        return True
+
+
+def one_line_background_errors() -> None:
+    logging.getLogger("absl").addFilter(_OneLineBackgroundErrors())
+    # After a failed save, TensorStore's callbacks for the writes still pending reach an event
+    # loop Orbax has closed, and each prints a traceback as an "unraisable" exception.
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def stop_now(what_next: str) -> NoReturn:

@@ -7,7 +7,11 @@ hook is a no-op costing one dictionary lookup.
     DPO_JAX_PAUSE_SECONDS=S        ...or just S seconds (several processes: only JAX's
                                    pre-emption sync point knows that one was signalled)
     DPO_JAX_KILL_IN_SAVE=N         SIGKILL this process while checkpoint N is being written
-    DPO_JAX_DISK_FULL_AT_SAVE=N    checkpoint N's save fails with ENOSPC (No space left)
+    DPO_JAX_DISK_FULL_WRITING=W    the disk fills while W is written: "metrics@N" (half of
+                                   step N's row written), "export" (after the first file),
+                                   "report" (before report.html)
+
+A full disk during a checkpoint save needs no hook: tests/test_faults.py fills a real tmpfs.
 """
 
 from __future__ import annotations
@@ -36,9 +40,19 @@ def pause_at(step: int, stopping) -> None:
         time.sleep(0.02)
 
 
-def before_save(step: int) -> None:
-    if _step("DPO_JAX_DISK_FULL_AT_SAVE") == step:
-        raise OSError(errno.ENOSPC, f"No space left on device (saving checkpoint {step})")
+def disk_full(what: str, path: str) -> None:
+    """Raises the OSError a full disk gives while `path` is written, if asked for `what`."""
+    if os.environ.get("DPO_JAX_DISK_FULL_WRITING") == what:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def write(file, text: str, what: str) -> None:
+    """file.write(text); asked to fill the disk at `what`, half of it and then the error."""
+    if os.environ.get("DPO_JAX_DISK_FULL_WRITING") == what:
+        file.write(text[: len(text) // 2])
+        file.flush()
+        disk_full(what, file.name)
+    file.write(text)
 
 
 def during_save(step: int) -> None:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import faults
 from dpo_jax.hf_config import (  # noqa: F401  (re-exported)
     MODEL_TYPES,
     SUPPORTED_ARCHITECTURES,
@@ -220,7 +221,55 @@ def save_pretrained(
 
     `params` may be sharded over any mesh and processes: every process must call this (the
     gathers are collective); only process 0 writes. `dtype` defaults to the params' dtype;
-    `base_config` (the source config.json) keeps keys such as token ids."""
+    `base_config` (the source config.json) keeps keys such as token ids.
+
+    Everything is written into path/.incomplete/ and moved into `path` once complete: a
+    failed export (a full disk) leaves the folder as it was, never half of a model."""
+    writer = jax.process_index() == 0
+    staging = os.path.join(path, ".incomplete")
+    if writer:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    try:
+        _write_files(
+            staging,
+            model_config,
+            params,
+            tokenizer,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            base_config=base_config,
+            generation_config=generation_config,
+        )
+    except BaseException:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if writer:
+        for old in os.listdir(path):  # an earlier export's shards would shadow or confuse
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old):
+                os.remove(os.path.join(path, old))
+        for name in os.listdir(staging):  # renames: no space needed, nothing half-done
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+        os.rmdir(staging)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_pretrained {path}")
+
+
+def _write_files(
+    path: str,
+    model_config: ModelConfig,
+    params,
+    tokenizer,
+    *,
+    dtype,
+    max_shard_size,
+    base_config,
+    generation_config,
+) -> None:
+    """save_pretrained's files, into `path` (its staging folder; process 0 writes)."""
     params = nn.meta.unbox(params)
     leaves = [
         (m, p, t) for m in tensor_maps(model_config) for p, t in param_leaves(model_config, m)
@@ -245,11 +294,6 @@ def save_pretrained(
     )
     shard_of = {name: k for k, names in enumerate(plan) for name in names}
     writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(path, exist_ok=True)
-        for old in os.listdir(path):  # an earlier export's shards would shadow or confuse
-            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old):
-                os.remove(os.path.join(path, old))
 
     from safetensors.numpy import save_file
 
@@ -262,6 +306,7 @@ def save_pretrained(
             if len(buffers[k]) == len(plan[k]):
                 if writer:
                     save_file(buffers[k], os.path.join(path, files[k]), metadata={"format": "pt"})
+                    faults.disk_full("export", os.path.join(path, files[k]))
                 buffers[k] = {}
         del host
 
@@ -292,10 +337,6 @@ def save_pretrained(
                     shutil.copyfile(os.path.join(source, file), os.path.join(path, file))
         elif tokenizer is not None:
             tokenizer.save_pretrained(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"save_pretrained {path}")
 
 
 def _write_json(path: str, value) -> None:

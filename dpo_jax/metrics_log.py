@@ -18,6 +18,8 @@ import shutil
 import sys
 import warnings
 
+from dpo_jax import faults
+
 EVAL_PREFIX = "eval/"
 
 
@@ -34,8 +36,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step)} | {k: float(v) for k, v in metrics.items()}
+        line = json.dumps(row) + "\n"
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            faults.write(f, line, f"metrics@{step}")
         if self.sinks is not None:
             self.sinks.write(step, row)
         self.console(step, row)

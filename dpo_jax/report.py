@@ -30,6 +30,8 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from dpo_jax import faults  # noqa: E402
+
 # (file stem, title, metrics drawn together, y-axis scale: linear | log | fraction (0..1))
 PLOTS = (
     ("loss", "Loss", ("loss",), "linear"),
@@ -352,8 +354,12 @@ def write_report(workdir: str) -> str:
             f.write(png)
     path = os.path.join(workdir, "report.html")
     # Write then rename: a browser never sees half a report.
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(render_html(workdir, rows, samples, figures))
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            faults.write(f, render_html(workdir, rows, samples, figures), "report")
+    except OSError:
+        os.remove(path + ".tmp")  # a full disk: the previous report stays
+        raise
     os.replace(path + ".tmp", path)
     return path
 

@@ -292,9 +292,10 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             metrics["memory/peak_gb"] = peak_gb
         writer.write(step, metrics)
         check_finite(metrics["nonfinite_steps"])
+        ckpt.check()  # a failed async save (a full disk) stops the run here
 
     loop, samples_every = s.loop, s.samples.every_steps
-    step, interrupted = start_step, False
+    step, ending = start_step, None  # ending: how the loop was left, if by an exception
     try:
         with prefetch.Prefetcher(iterator, prepare, depth=s.batch.prefetch) as batches:
             while step < total_steps:
@@ -336,13 +337,21 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                     )
                     break
     except KeyboardInterrupt:
-        interrupted = True  # a second Ctrl-C: stop now, no waiting for a save in flight
+        ending = "stop now"  # a second Ctrl-C: no waiting for a save in flight
+        raise
+    except BaseException:
+        ending = "failed"
         raise
     finally:
-        if not interrupted:
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
+        if ending != "stop now":
+            # After a failure that error is the one to report: a save in flight or a log
+            # flushed onto the same full disk would only fail again.
+            for close in (ckpt.wait, ckpt.close, writer.close):
+                try:
+                    close()
+                except Exception:
+                    if ending is None:
+                        raise
 
     # --- export and report
     if s.checkpoint.export_hf and step == total_steps:
@@ -371,12 +380,13 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
 
 # Exit statuses (dpo_jax.cli): 2 for input that cannot run, 1 for a run that failed.
 BAD_INPUT = (*settings.USER_ERRORS, checkpoint.WorkdirBusy)
-RUN_FAILURES = (NonFiniteError, checkpoint.CheckpointError, metrics_log.LogError, OSError)
+RUN_FAILURES = (NonFiniteError, checkpoint.CheckpointError, metrics_log.LogError)
 
 
 def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-save INFO lines
+    cli.one_line_background_errors()
     sharding.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
@@ -386,6 +396,8 @@ def main(argv) -> None:
         )
     except BAD_INPUT as error:
         cli.fail(str(error), 2)
+    except OSError as error:
+        cli.fail(cli.os_error_line(error), 1)
     except RUN_FAILURES as error:
         cli.fail(str(error), 1)
     except KeyboardInterrupt:

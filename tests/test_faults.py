@@ -4,6 +4,7 @@ intact, metrics.jsonl consistent with it), and re-running the same command conti
 as an uninterrupted run (every metrics row equal). Faults no signal can time from outside
 come from dpo_jax.faults' test-only environment hooks."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ from conftest import (
     read_metrics,
 )
 
-from dpo_jax import checkpoint, settings, train
+from dpo_jax import checkpoint, report, settings, train
 from dpo_jax.step import NonFiniteError
 
 STEPS = 8
@@ -142,44 +143,102 @@ def test_sigterm_ctrl_c_and_a_second_ctrl_c_each_stop_and_resume_exactly(
     assert_continues_exactly(baseline, workdir, args, tmp_path, resumed_from=last)
 
 
+def folder_bytes(path) -> int:
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, files in os.walk(path)
+        for name in files
+    )
+
+
+@contextlib.contextmanager
+def small_disk(path, size_bytes):
+    """A real tmpfs of `size_bytes` at `path` (this machine's CI runs as root), and a way to
+    free space on it: remount it larger, contents kept."""
+    os.makedirs(path)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, f"this test mounts a tmpfs and needs root: {done.stderr}"
+
+    def grow(new_size):
+        subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+
+    try:
+        yield grow
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def test_disk_full_kill_in_save_damaged_checkpoint_and_torn_log_line_all_resume(
     baseline, small_train, small_validation, tmp_path
 ):
-    """One workdir through three faults in a row, each leaving the last good checkpoint."""
+    """One workdir on a small real disk through five faults in a row, each leaving the last
+    good checkpoint and a re-run that continues; the last ends as the uninterrupted run."""
+    # Room for the run's logs and two checkpoints and a half: the third (6) fills the disk.
+    checkpoint_bytes = folder_bytes(os.path.join(baseline, "checkpoints", str(STEPS)))
+    logs_bytes = folder_bytes(baseline) - folder_bytes(os.path.join(baseline, "checkpoints"))
+    logs_bytes -= folder_bytes(os.path.join(baseline, "hf"))
+    with small_disk(tmp_path / "disk", int(2.5 * checkpoint_bytes + 2 * logs_bytes)) as grow:
+        workdir = str(tmp_path / "disk" / "run")
+        args = cli_args(workdir, small_train, small_validation, **{"checkpoint.async_save": True})
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+
+        # 1. The disk fills while checkpoint 6 is written in the background: the next log
+        # step stops the run in one line, exit 1; its half is removed, 2 and 4 are intact.
+        code, output = run_cli(args, tmp_path / "full.log")
+        assert code == 1, output[-3000:]
+        assert_one_line_error(output, "checkpoint 6 could not be written (disk full", "4 is intact")
+        assert checkpoint.Checkpointer(workdir).steps() == [2, 4]
+        assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
+        grow("512m")  # space freed
+
+        # 2. Killed (SIGKILL) while the async save of checkpoint 6 is in flight: the re-run
+        # resumes from 4; the half-written 6 is never taken for a checkpoint.
+        code, output = run_cli(args, tmp_path / "kill.log", DPO_JAX_KILL_IN_SAVE="6")
+        assert code == -signal.SIGKILL, output[-3000:]
+        assert "resumed from step 4 " in output
+        assert checkpoint.Checkpointer(workdir).steps() == [2, 4]
+
+        # 3. Checkpoint 4's weights are truncated: the re-run says so and falls back to 2; then
+        # the disk fills while step 5's metrics row is written: one line, a torn last row.
+        for folder, _, files in os.walk(os.path.join(ckpt_dir, "4", "state")):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+        code, output = run_cli(
+            args, tmp_path / "damaged.log", DPO_JAX_DISK_FULL_WRITING="metrics@5"
+        )
+        assert code == 1, output[-3000:]
+        assert "checkpoint 4 cannot be restored" in output and "resumed from step 2 " in output
+        assert_one_line_error(output, "No space left on device", "metrics.jsonl", "re-run")
+        assert not read(os.path.join(workdir, "metrics.jsonl")).endswith("\n")
+
+        # 4. The disk fills during the export: no half model in hf/, checkpoint 8 intact.
+        code, output = run_cli(args, tmp_path / "export.log", DPO_JAX_DISK_FULL_WRITING="export")
+        assert code == 1, output[-3000:]
+        assert "resumed from step 4 " in output
+        assert_one_line_error(output, "No space left on device", "model.safetensors")
+        assert os.listdir(os.path.join(workdir, "hf")) == []
+        assert checkpoint.Checkpointer(workdir).latest_step() == STEPS
+
+        # 5. The re-run exports and ends as the uninterrupted run, every metrics row equal.
+        assert_continues_exactly(baseline, workdir, args, tmp_path, resumed_from=STEPS)
+        assert os.path.isfile(os.path.join(workdir, "hf", "model.safetensors"))
+
+
+def test_a_full_disk_leaves_the_previous_report(baseline, tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    args = cli_args(workdir, small_train, small_validation, **{"checkpoint.async_save": True})
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-
-    # 1. The disk fills while checkpoint 4 is saved: one line, exit 1, checkpoint 2 intact.
-    code, output = run_cli(args, tmp_path / "full.log", DPO_JAX_DISK_FULL_AT_SAVE="4")
-    assert code == 1, output[-3000:]
-    assert_one_line_error(output, "No space left on device", "checkpoint 4")
-    assert checkpoint.Checkpointer(workdir).steps() == [2]
-
-    # 2. Killed (SIGKILL) while the async save of checkpoint 6 is in flight: the re-run resumes
-    # from 2 and writes 4; the half-written 6 is never taken for a checkpoint.
-    code, output = run_cli(args, tmp_path / "kill.log", DPO_JAX_KILL_IN_SAVE="6")
-    assert code == -signal.SIGKILL, output[-3000:]
-    assert "resumed from step 2 " in output
-    assert 6 not in checkpoint.Checkpointer(workdir).steps()
-    assert 4 in checkpoint.Checkpointer(workdir).steps()
-
-    # 3. Checkpoint 4's weights are truncated and metrics.jsonl ends in a torn line: the
-    # re-run says so, falls back to checkpoint 2 and still ends as the uninterrupted run.
-    for folder, _, files in os.walk(os.path.join(ckpt_dir, "4", "state")):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 5, "loss": 0.69')
-    code, output = run_cli(args, tmp_path / "damaged.log")
-    assert code == 0, output[-3000:]
-    assert "checkpoint 4 cannot be restored" in output and "Traceback" not in output
-    expected, got = read_metrics(baseline), read_metrics(workdir)
-    assert [r["step"] for r in expected] == [r["step"] for r in got]
-    for a, b in zip(expected, got, strict=True):
-        assert_rows_close(a, b)
+    shutil.copytree(baseline, workdir)
+    before = read(report.write_report(workdir))
+    monkeypatch.setenv("DPO_JAX_DISK_FULL_WRITING", "report")
+    with pytest.raises(OSError, match="No space left on device"):
+        report.write_report(workdir)
+    assert read(os.path.join(workdir, "report.html")) == before
+    assert not os.path.exists(os.path.join(workdir, "report.html.tmp"))
 
 
 def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(
