@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import warnings
 
 from dpo_jax import faults
@@ -26,11 +27,14 @@ EVAL_PREFIX = "eval/"
 class MetricsWriter:
     """DIR/metrics.jsonl plus a console line and the sinks; written by process 0 only."""
 
-    def __init__(self, workdir: str, total_steps: int, *, enabled: bool):
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool, clock=time.monotonic):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.total_steps = total_steps
         self.enabled = enabled
         self.sinks = None  # TensorBoard / W&B writers (MultiWriter)
+        self.clock = clock
+        self.started = clock()
+        self.first_row = None  # (step, time) of this process's first train row
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -52,13 +56,34 @@ class MetricsWriter:
             print(
                 f"step {step:5d}/{self.total_steps} | loss {row['loss']:.4f} | "
                 f"acc {row['rewards/accuracies']:.3f} | margin {row['rewards/margins']:+.3f} | "
-                f"lr {row['learning_rate']:.2e} | {row.get('tokens_per_sec', 0):,.0f} tok/s",
+                f"lr {row['learning_rate']:.2e} | {row.get('tokens_per_sec', 0):,.0f} tok/s | "
+                f"{self.timing(step)}",
                 flush=True,
             )
         else:
             headline = ("/loss", "/rewards/accuracies", "/rewards/margins", "_preferred_rate")
             shown = {k: round(v, 4) for k, v in row.items() if k.endswith(headline)}
             print(f"eval  {step:5d} | {shown}", flush=True)
+
+    def timing(self, step: int) -> str:
+        """ "elapsed H:MM:SS, eta H:MM:SS": elapsed since this process started the run (a
+        resumed run counts afresh); the ETA from the pace since the first train row, so
+        compilation and the reference precompute before it do not inflate it."""
+        now = self.clock()
+        if self.first_row is None:
+            self.first_row = (step, now)
+        first_step, first_time = self.first_row
+        left = self.total_steps - 1 - step
+        if step > first_step:
+            eta = _clock_time((now - first_time) / (step - first_step) * left)
+        else:
+            eta = "0:00:00" if left == 0 else "?"
+        return f"elapsed {_clock_time(now - self.started)}, eta {eta}"
+
+
+def _clock_time(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class LogError(ValueError):

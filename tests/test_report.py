@@ -198,3 +198,17 @@ def test_wandb_when_installed_logs_and_resumes_the_same_run(tmp_path, monkeypatc
     assert [i["id"] for i in inits] == ["r1", "r1"] and inits[0]["resume"] == "allow"
     assert inits[0]["config"] == {"a": 1} and inits[0]["dir"] == str(tmp_path)
     assert ("log", 3, {"loss": 0.5, "eval/loss": 0.6}) in calls
+
+
+def test_step_lines_show_elapsed_and_an_eta_from_the_pace_since_the_first_row(tmp_path, capsys):
+    """Resumed at step 10 of 20, 30 s of setup, then 4 s a step: the ETA excludes the setup."""
+    times = iter([0.0, 30.0, 34.0, 38.0, 66.0])
+    writer = metrics_log.MetricsWriter(str(tmp_path), 20, enabled=True, clock=lambda: next(times))
+    row = {"loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0}
+    for step in (10, 11, 12, 19):
+        writer.write(step, row | {"learning_rate": 1e-5})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| elapsed 0:00:30, eta ?")
+    assert lines[1].endswith("| elapsed 0:00:34, eta 0:00:32")  # 4 s x 8 steps left
+    assert lines[2].endswith("| elapsed 0:00:38, eta 0:00:28")
+    assert lines[3].endswith("| elapsed 0:01:06, eta 0:00:00")  # the last step
