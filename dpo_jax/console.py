@@ -1,7 +1,7 @@
 """The `dpo-jax` command: `dpo-jax <command> [args]` is `python -m dpo_jax.<module> [args]`.
 
-    dpo-jax train --config configs/tiny.py --workdir runs/tiny
-    dpo-jax evaluate | generate | export | report | rate | tensorboard | data | bench ...
+dpo-jax train --config configs/tiny.py --workdir runs/tiny
+dpo-jax evaluate | generate | export | report | rate | tensorboard | data | bench ...
 """
 
 from __future__ import annotations
