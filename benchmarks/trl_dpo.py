@@ -65,7 +65,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from dpo_jax import bench, embedded, model, throughput  # noqa: E402
+from dpo_jax import bench, embedded, model, settings, throughput  # noqa: E402
 
 DTYPES = ("bfloat16", "float32")
 
@@ -251,7 +251,10 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     micro = args.pairs_per_step // args.gradient_accumulation_steps
     num_steps = 1 + args.warmup_steps + args.steps
-    workload = bench.workload(workload_config(args))
+    try:
+        workload = bench.workload(workload_config(args))
+    except settings.USER_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None
     ours = bench.model_config_for(workload)
 
     started = time.perf_counter()

@@ -28,7 +28,19 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dpo_jax import attention, data, hf, memory, model, optim, settings, sharding, state, throughput
+from dpo_jax import (
+    attention,
+    cli,
+    data,
+    hf,
+    memory,
+    model,
+    optim,
+    settings,
+    sharding,
+    state,
+    throughput,
+)
 from dpo_jax.data.batching import pack_step, packed_row_length, pair_parts
 from dpo_jax.settings import BenchSettings, Settings
 from dpo_jax.step import jit_train_step
@@ -114,11 +126,8 @@ class Workload:
 
 
 def workload(config) -> Workload:
-    """configs/bench.py's ConfigDict → the typed workload (every bad value: SystemExit)."""
-    try:
-        return Workload(settings.from_config(config), settings.bench_settings(config))
-    except settings.USER_ERRORS as error:
-        raise SystemExit(f"error: {error}") from None
+    """configs/bench.py's ConfigDict → the typed workload (a bad value: ConfigError)."""
+    return Workload(settings.from_config(config), settings.bench_settings(config))
 
 
 def model_config_for(w: Workload) -> model.ModelConfig:
@@ -127,7 +136,7 @@ def model_config_for(w: Workload) -> model.ModelConfig:
     if w.b.preset == "tiny":
         return state.model_config(w.s.model)
     if w.b.preset not in PRESETS:
-        raise SystemExit(
+        raise settings.ConfigError(
             f"config bench.preset={w.b.preset!r}: choose tiny or one of {sorted(PRESETS)}"
         )
     m = w.s.model
@@ -156,7 +165,7 @@ def synthetic_lengths(w: Workload, rng: np.random.Generator, count: int) -> np.n
     b, max_len = w.b, w.s.data.max_seq_length
     if b.lengths == "fixed":
         if b.prompt_length + b.completion_length > max_len:
-            raise SystemExit(
+            raise settings.ConfigError(
                 f"config bench.prompt_length + bench.completion_length = "
                 f"{b.prompt_length + b.completion_length} exceeds data.max_seq_length={max_len}"
             )
@@ -249,7 +258,7 @@ def packed_rows(w: Workload, steps: list, data_parallel: int) -> int:
     if rows == 0:
         return -(-need // data_parallel) * data_parallel
     if rows < need:
-        raise SystemExit(
+        raise settings.ConfigError(
             f"config data.packed_rows={rows}: the pairs of a micro-batch need {need} rows of "
             f"{row_length} tokens when packed; set data.packed_rows to at least {need}, or 0 "
             "to choose automatically"
@@ -446,7 +455,10 @@ def run_workload(w: Workload, devices=None) -> dict:
 
 def main(argv) -> None:
     del argv
-    result = run(flags.FLAGS.config)
+    try:
+        result = run(flags.FLAGS.config)
+    except settings.USER_ERRORS as error:
+        cli.fail(str(error), 2)
     for key, value in result.items():
         print(f"{key:>28}: {value}")
     print(json.dumps(result), flush=True)
@@ -454,4 +466,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(flags.FLAGS))

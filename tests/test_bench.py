@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from dpo_jax import bench, state, throughput
+from dpo_jax import bench, settings, state, throughput
 
 # Every field a result must carry (benchmarks/trl_dpo.py prints the same ones).
 FIELDS = (
@@ -153,7 +153,7 @@ def test_packing_builds_fixed_rows_and_says_which_key_when_pairs_do_not_fit():
             assert ((batch["sequence_ids"][0] == 2 * p + side) & real).sum() == n
 
     config.data.packed_rows = need - 1
-    with pytest.raises(SystemExit, match=r"data\.packed_rows"):
+    with pytest.raises(settings.ConfigError, match=r"data\.packed_rows"):
         bench.packed_rows(bench.workload(config), steps, data_parallel=1)
 
 
@@ -190,7 +190,7 @@ def test_segment_bound_follows_the_trainers_rule_and_the_packer_keeps_it():
     assert bound() is None
     assert bound(**{"data.max_segments_per_row": 2}) == 2
     assert bound(**{"data.max_segments_per_row": 2, "data.prefix_sharing": True}) is None
-    with pytest.raises(SystemExit, match="data.max_segments_per_row=1"):
+    with pytest.raises(settings.ConfigError, match="data.max_segments_per_row=1"):
         bound(**{"data.max_segments_per_row": 1})
 
     # Sequences of 16 tokens in rows of 64: four to a row when nothing bounds them.

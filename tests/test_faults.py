@@ -316,8 +316,9 @@ def test_a_second_run_on_a_workdir_refuses_to_start(small_train, small_validatio
         ("training.betaa=1", '--config.training.betaa: no such config key; Did you mean "beta"'),
         ("training.batch_size=-1", "config training.batch_size=-1: a positive number"),
         ("model.name=/nonexistent/model", "/nonexistent/model"),
+        ("training.beta=abc", "--config.training.beta=abc: could not convert string to float"),
     ],
-    ids=["typo", "out_of_range", "missing_model"],
+    ids=["typo", "out_of_range", "missing_model", "bad_type"],
 )
 def test_bad_config_is_one_line_exit_2(override, fragment, small_train, small_validation, tmp_path):
     args = cli_args(str(tmp_path / "run"), small_train, small_validation)
@@ -362,13 +363,28 @@ def test_a_misspelt_override_or_a_missing_key_names_the_key():
         settings.from_config(ml_collections.ConfigDict(values))
 
 
-def test_a_config_without_a_bench_section_is_one_line_for_the_benchmark(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "dpo_jax.bench", "--config", f"{REPO}/configs/tiny.py"],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE_S,
-        env=dict(os.environ, XLA_FLAGS=""),
-    )
-    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "no bench section" in done.stderr + done.stdout
+def test_a_missing_or_failing_config_file_is_one_line_exit_2(tmp_path):
+    failing = tmp_path / "failing.py"
+    failing.write_text("def get_config():\n    return 1 / 0\n")
+    for config, fragment in [
+        (tmp_path / "missing.py", "missing.py: no such file"),
+        (failing, "get_config() failed (ZeroDivisionError"),
+    ]:
+        args = [sys.executable, "-m", "dpo_jax.train", "--config", str(config), "--workdir", "w"]
+        code, output = run_cli(args, tmp_path / "bad.log")
+        assert code == 2, output[-3000:]
+        assert_one_line_error(output, fragment)
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ("configs/tiny.py", "no bench section"),
+        ("configs/bench.py:nope", "bench.preset='nope': choose tiny or one of"),
+    ],
+)
+def test_a_bad_benchmark_config_is_one_line_exit_2(config, fragment, tmp_path):
+    args = [sys.executable, "-m", "dpo_jax.bench", "--config", f"{REPO}/{config}"]
+    code, output = run_cli(args, tmp_path / "bench.log")
+    assert code == 2, output[-3000:]
+    assert_one_line_error(output, fragment)
