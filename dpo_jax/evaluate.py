@@ -21,7 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import checkpoint, data, hf, settings, sharding, state
+from dpo_jax import checkpoint, data, hf, progress, settings, sharding, state
 from dpo_jax.settings import Settings
 from dpo_jax.step import finalize, jit_eval_sums
 
@@ -77,11 +77,11 @@ def parse_eval_sets(validation_file: str, data_files) -> dict[str, str]:
     return sets
 
 
-def eval_means(eval_fn, params, ref_params, batches, *, mesh) -> dict:
+def eval_means(eval_fn, params, ref_params, batches, *, mesh, what: str = "eval") -> dict:
     """Means over every pair of `batches` (host eval batches of this process's rows);
     `eval_fn` is step.jit_eval_sums's program."""
     totals = None
-    for batch in batches:
+    for batch in progress.bar(batches, what=what, unit="batch"):
         sums = eval_fn(params, ref_params, sharding.put_batch(batch, mesh, row_axis=0))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     metrics = jax.device_get(finalize(totals))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import faults
+from dpo_jax import faults, progress
 from dpo_jax.hf_config import (  # noqa: F401  (re-exported)
     MODEL_TYPES,
     SUPPORTED_ARCHITECTURES,
@@ -298,7 +298,9 @@ def _write_files(
     from safetensors.numpy import save_file
 
     buffers = [{} for _ in plan]
-    for m, leaf_path, targets in leaves:
+    for m, leaf_path, targets in progress.bar(
+        leaves, what=f"export {os.path.dirname(path)}", unit="tensor", total=len(leaves)
+    ):
         host = _to_host(get_path(params, leaf_path))  # every process: the gather is collective
         for name, layer in targets:
             k = shard_of[name]

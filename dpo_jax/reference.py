@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import sharding
+from dpo_jax import progress, sharding
 from dpo_jax.data import TokenizedPair
 from dpo_jax.data import cache as data_cache
 
@@ -108,10 +108,12 @@ def compute_table(
     num_pairs: int,
     batch_size: int,
     mesh,
+    what: str = "reference log-probs",
 ) -> np.ndarray:
     """[num_pairs, 2] from eval batches in file order (batch b holds pairs b·batch_size…);
     `logps_fn(placed batch)` returns the replicated per-sequence log-probs [2·batch_size]."""
     table = np.zeros((num_pairs, 2), np.float32)
+    batches = progress.bar(batches, what=what, unit="batch", total=-(-num_pairs // batch_size))
     for b, batch in enumerate(batches):
         logps_S = np.asarray(logps_fn(sharding.put_batch(batch, mesh, row_axis=0)))
         start = b * batch_size
@@ -151,8 +153,11 @@ def precompute_tables(
         if all_processes_agree(table is not None):
             log(f"reference log-probs of {name}: {len(pairs)} pairs loaded from {cache_dir}")
         else:
+            log(f"reference log-probs of {name}: computing {len(pairs)} pairs")
             started = time.perf_counter()
-            table = compute_table(logps_fn, batches(pairs), len(pairs), batch_size, mesh)
+            table = compute_table(
+                logps_fn, batches(pairs), len(pairs), batch_size, mesh, what=f"reference {name}"
+            )
             if not np.all(np.isfinite(table)):
                 raise FloatingPointError(
                     f"reference log-probs of {name} are not finite: check the model weights "

@@ -237,7 +237,12 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                 pairs, s.batch.eval_batch_size, eval_reference.get(name)
             )
             metrics = evaluate.eval_means(
-                eval_fn, train_state.params, ref_params, batches, mesh=mesh
+                eval_fn,
+                train_state.params,
+                ref_params,
+                batches,
+                mesh=mesh,
+                what=f"eval {name or 'validation'}",
             )
             prefix = f"eval/{name}/" if name else "eval/"
             eval_metrics.update({prefix + k: float(v) for k, v in metrics.items()})

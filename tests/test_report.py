@@ -212,3 +212,13 @@ def test_step_lines_show_elapsed_and_an_eta_from_the_pace_since_the_first_row(tm
     assert lines[1].endswith("| elapsed 0:00:34, eta 0:00:32")  # 4 s x 8 steps left
     assert lines[2].endswith("| elapsed 0:00:38, eta 0:00:28")
     assert lines[3].endswith("| elapsed 0:01:06, eta 0:00:00")  # the last step
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    from dpo_jax import progress
+
+    assert list(progress.bar(range(3), what="export", unit="tensor", total=3)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # not a terminal: no bar in the log
+    monkeypatch.setattr(progress, "_on_terminal", lambda: True)
+    assert list(progress.bar(range(3), what="export", unit="tensor", total=3)) == [0, 1, 2]
+    assert "export" in capsys.readouterr().err

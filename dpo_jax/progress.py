@@ -1,0 +1,32 @@
+"""Progress bars for the phases that take more than a few seconds (the reference precompute,
+evaluation, export): a tqdm bar with rate and ETA on a terminal, on process 0 only. When
+stderr is not a terminal (a SLURM or CI log) there is no bar: those logs keep only the
+periodic lines each phase prints itself."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import jax
+
+
+def _on_terminal() -> bool:
+    return jax.process_index() == 0 and sys.stderr.isatty()
+
+
+def bar(iterable: Iterable, *, what: str, unit: str, total: int | None = None) -> Iterable:
+    """`iterable` itself, shown as a bar while it is consumed where there is a terminal."""
+    if not _on_terminal():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=what,
+        unit=unit,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
