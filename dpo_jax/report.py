@@ -298,6 +298,64 @@ def evaluations_section(workdir: str) -> str:
     return "".join(parts)
 
 
+def _data_set_rows(name: str, report: dict) -> list[list]:
+    """One row per source of a data set: records read, pairs kept, what was cut or dropped."""
+    rows = []
+    for source in report.get("sources", []):
+        lost = {
+            f"{kind} {reason}": count
+            for kind in ("truncated", "dropped", "skipped")
+            for reason, count in source.get(kind, {}).items()
+        }
+        rows.append(
+            [
+                name,
+                os.path.basename(str(source.get("source", ""))),
+                source.get("format", ""),
+                source.get("records", ""),
+                source.get("pairs", ""),
+                ", ".join(f"{k}: {v}" for k, v in lost.items()) or "none",
+            ]
+        )
+    return rows
+
+
+def data_section(workdir: str) -> str:
+    """What the run trained and evaluated on (DIR/data_report.json): pairs per source and
+    what was cut, token lengths, and how the batches were laid out."""
+    path = os.path.join(workdir, "data_report.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        report = json.load(f)
+    sets = {"train": report.get("train", {})}
+    sets |= {f"eval {name or 'validation'}": r for name, r in report.get("validation", {}).items()}
+    sources = [row for name, r in sets.items() for row in _data_set_rows(name, r)]
+    parts = [
+        "<h2>Data</h2>",
+        table(["set", "file", "format", "records", "pairs", "truncated / dropped"], sources),
+    ]
+    lengths = [
+        [name, side] + [r["lengths"][side].get(q, "") for q in ("p50", "p90", "p99", "max")]
+        for name, r in sets.items()
+        for side in ("prompt", "chosen", "rejected", "sequence")
+        if side in r.get("lengths", {})
+    ]
+    if lengths:
+        parts.append(table(["set", "tokens of", "p50", "p90", "p99", "max"], lengths))
+    batching = report.get("batching", {})
+    if batching:
+        shown = {k: v for k, v in batching.items() if not isinstance(v, (dict, list))}
+        if "pairs_per_step" in batching:
+            shown["pairs_per_step"] = ", ".join(
+                f"{k} {v}" for k, v in batching["pairs_per_step"].items()
+            )
+        if "total_steps" in report:
+            shown["total_steps"] = report["total_steps"]
+        parts.append(table(["batching", "value"], [[k, v] for k, v in shown.items()]))
+    return "".join(parts)
+
+
 def config_section(workdir: str) -> str:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -331,13 +389,14 @@ def render_html(workdir: str, rows: list[dict], samples: list[dict], figures) ->
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
         f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{html.escape(os.path.abspath(workdir))} · generated {generated} · "
+        f"<p>{html.escape(os.path.basename(os.path.abspath(workdir)))} · generated {generated} · "
         f"{sum('loss' in r for r in rows)} train rows, {sum('eval/loss' in r for r in rows)} "
         "eval rows in metrics.jsonl</p>"
         f"<h2>Summary</h2>{summary_section(rows)}"
         f"{sample_rates_section(rows)}"
         f'<h2>Curves</h2><div class="plots">{images or "<p>No metrics to plot.</p>"}</div>'
-        f"{evaluations_section(workdir)}{samples_section(samples)}{config_section(workdir)}"
+        f"{evaluations_section(workdir)}{samples_section(samples)}{data_section(workdir)}"
+        f"{config_section(workdir)}"
         "</body></html>"
     )
 

@@ -222,3 +222,24 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(progress, "_on_terminal", lambda: True)
     assert list(progress.bar(range(3), what="export", unit="tensor", total=3)) == [0, 1, 2]
     assert "export" in capsys.readouterr().err
+
+
+def test_report_shows_the_data_and_no_absolute_path(workdir):
+    lengths = {"p5": 10, "p50": 20, "p90": 30, "p99": 39, "max": 40, "mean": 21.0}
+    source = {"source": f"{workdir}/train.jsonl", "format": "explicit", "records": 70}
+    source |= {"pairs": 64, "truncated": {"prompt_left": 3}, "dropped": {"empty_chosen": 6}}
+    data_report = {
+        "train": {"pairs": 64, "sources": [source], "lengths": {"sequence": lengths}},
+        "validation": {"": {"pairs": 8, "sources": [], "lengths": {"prompt": lengths}}},
+        "batching": {"mode": "padded", "padding_efficiency": 0.6739, "steps_per_epoch": 8},
+        "total_steps": 8,
+    }
+    (workdir / "data_report.json").write_text(json.dumps(data_report))
+    page = open(report.write_report(str(workdir)), encoding="utf-8").read()
+    data = page[page.index("<h2>Data</h2>") :]
+    for text in ("train.jsonl", "<td>70</td>", "<td>64</td>", "truncated prompt_left: 3"):
+        assert text in data, text
+    assert "dropped empty_chosen: 6" in data and "eval validation" in data
+    assert "<td>padding_efficiency</td><td>0.6739</td>" in data
+    assert "<td>total_steps</td><td>8</td>" in data
+    assert str(workdir) not in page
