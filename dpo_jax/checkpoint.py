@@ -73,6 +73,7 @@ class Checkpointer:
         )
         self.stop_signal = None  # the signal that asked the run to save and stop
         self.in_flight = None  # the step of the last save started (async: maybe unfinished)
+        self.previous_handlers = {}  # signal -> handler, while watch_preemption's are set
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -214,8 +215,11 @@ class Checkpointer:
                 print("\nstopping: saving at the end of this step (Ctrl-C again: stop now)")
                 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        # The handlers before this run come back at close(): train() called from a notebook
+        # or a test leaves Ctrl-C and SIGTERM as they were.
+        self.previous_handlers = {
+            sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and exit now. With several processes every one must reach the
@@ -233,7 +237,14 @@ class Checkpointer:
             self.manager.wait_until_finished()
         self.in_flight = None
 
+    def unwatch(self) -> None:
+        """Puts back the signal handlers watch_preemption replaced."""
+        for sig, previous in self.previous_handlers.items():
+            signal.signal(sig, previous)
+        self.previous_handlers = {}
+
     def close(self) -> None:
+        self.unwatch()
         self.manager.close()
 
 

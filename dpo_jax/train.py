@@ -348,6 +348,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         ending = "failed"
         raise
     finally:
+        ckpt.unwatch()
         if ending != "stop now":
             # After a failure that error is the one to report: a save in flight or a log
             # flushed onto the same full disk would only fail again.

@@ -260,9 +260,12 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(
 def test_nonfinite_steps_are_skipped_when_asked(small_train, small_validation, tmp_path):
     overrides = RUN | {"data.train_file": small_train, "training.nonfinite": "skip"}
     overrides |= {"training.max_steps": 3, "training.beta": 1e38, "checkpoint.export_hf": False}
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     result = train.train(
         fast_config(small_validation, **overrides), str(tmp_path), devices=jax.devices()[:1]
     )
+    # An in-process run (a notebook, a test) leaves Ctrl-C and SIGTERM as they were.
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
     rows = [row for row in read_metrics(str(tmp_path)) if "loss" in row]
     assert [row["nonfinite_steps"] for row in rows] == [1.0, 2.0, 3.0]
     assert int(result.state.nonfinite_steps) == 3 and int(result.state.first_nonfinite_step) == 0
