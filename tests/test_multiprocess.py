@@ -5,6 +5,7 @@ the one-process run's in-step reference. Both train on the first 64 pairs: the r
 about a minute on an idle 2-core machine, and the deadlines allow several times that."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,9 +178,11 @@ def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one
     os.kill(second, signal.SIGTERM)
     assert launcher.wait(timeout=DEADLINE_S) == 128 + signal.SIGTERM
     output = log_path.read_text(errors="replace")
-    saved = [line for line in output.splitlines() if line.startswith("pre-empted: saved step")]
+    # Both processes print it into one log, so their lines may interleave mid-line
+    # ("...resumepre-empted: ..."): found anywhere in the text, not at line starts.
+    saved = re.findall(r"pre-empted: saved step (\d+);", output)
     assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]  # both, the same step
-    step = int(saved[0].split()[3].rstrip(";"))
+    step = int(saved[0])
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and step < STEPS
 
     finished = subprocess.run(
