@@ -251,10 +251,7 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     micro = args.pairs_per_step // args.gradient_accumulation_steps
     num_steps = 1 + args.warmup_steps + args.steps
-    try:
-        workload = bench.workload(workload_config(args))
-    except settings.USER_ERRORS as error:
-        raise SystemExit(f"error: {error}") from None
+    workload = bench.workload(workload_config(args))
     ours = bench.model_config_for(workload)
 
     started = time.perf_counter()
@@ -421,7 +418,10 @@ def run(args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except settings.USER_ERRORS as error:  # the workload's sizes or preset
+        raise SystemExit(f"error: {error}") from None
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     line = json.dumps(result)

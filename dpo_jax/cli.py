@@ -64,18 +64,13 @@ def stop_now(what_next: str) -> NoReturn:
     os._exit(130)
 
 
-def load_config_file(flag_values: flags.FlagValues) -> None:
-    """Loads --config now (ml_collections defers it to first use) so that a missing or broken
-    config file is one line, exit 2, before anything starts."""
-    try:
-        flag_values.config.keys()  # a file that failed to load raises on first use
-    except Exception as error:  # noqa: BLE001  (a config file may raise anything)
-        path = flag_values["config"].config_filename
-        cause = error.__cause__ or error.__context__ or error
-        if isinstance(cause, FileNotFoundError) or "No such file" in str(error):
-            fail(f"--config {path}: no such file (the shipped configs are in configs/)", 2)
-        reason = " ".join(str(cause).split())[:300]
-        fail(f"--config {path}: cannot be loaded ({type(cause).__name__}: {reason})", 2)
+def config_file_failed(path: str, error: Exception) -> NoReturn:
+    """A --config file that is missing, or whose get_config() raised: one line, exit 2."""
+    cause = error.__cause__ or error.__context__ or error
+    if isinstance(cause, FileNotFoundError) or "No such file" in str(error):
+        fail(f"--config {path}: no such file (the shipped configs are in configs/)", 2)
+    reason = " ".join(str(cause).split())[:300]
+    fail(f"--config {path}: get_config() failed ({type(cause).__name__}: {reason})", 2)
 
 
 def _config_argument(argv: list[str]) -> str:
@@ -96,7 +91,9 @@ def flags_parser(flag_values: flags.FlagValues):
         try:
             rest = flag_values(argv)
             if "config" in flag_values and flag_values["config"].present:
-                load_config_file(flag_values)
+                # ml_collections defers a failed load (a missing file) to first use: load now,
+                # so that it is one line before anything starts.
+                flag_values.config.keys()
             return rest
         except SyntaxError as error:
             fail(f"--config {error.filename}:{error.lineno}: {error.msg}", 2)
@@ -113,9 +110,7 @@ def flags_parser(flag_values: flags.FlagValues):
             )
             hint = re.search(r"Did you mean .*\?", text)
             fail(f"{flag}: no such config key{'; ' + hint.group(0) if hint else ''}", 2)
-        except Exception as error:  # noqa: BLE001  (the config file's own code failed)
-            path = _config_argument(argv)
-            reason = " ".join(str(error).split())[:300]
-            fail(f"--config {path}: get_config() failed ({type(error).__name__}: {reason})", 2)
+        except Exception as error:  # noqa: BLE001  (the config file failed to load or run)
+            config_file_failed(_config_argument(argv), error)
 
     return parse
