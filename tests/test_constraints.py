@@ -27,7 +27,8 @@ def pins():
 def declared():
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    listed = project["dependencies"] + project["optional-dependencies"]["test"]
+    return [Requirement(r) for r in listed]
 
 
 def test_every_declared_dependency_is_pinned_within_its_bounds():
