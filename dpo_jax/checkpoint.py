@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
+import logging
+import math
 import os
 import shutil
 import signal
@@ -61,14 +64,19 @@ class Checkpointer:
     killed mid-save leaves the previous checkpoint as the latest one.
     """
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 2, async_save: bool = True):
+    def __init__(
+        self, workdir: str, *, max_to_keep: int = 2, async_save: bool = True, keep_best=None
+    ):
+        """keep_best (settings.KeepBest or None): also keep the best checkpoints of those
+        saved with metrics (save(..., metrics=)), ranked by keep_best.metric."""
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.keep_best = keep_best
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
                 enable_async_checkpointing=async_save,
                 create=True,
+                **_preservation_options(max_to_keep, keep_best),
             ),
         )
         self.stop_signal = None  # the signal that asked the run to save and stop
@@ -81,13 +89,48 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def best_step(self, keep_best=None) -> int | None:
+        """The kept checkpoint with the best keep_best metric (this run's, or the one given:
+        a reader that did not train) or None: keep_best off, or no checkpoint with metrics."""
+        keep_best = keep_best or self.keep_best
+        if keep_best is None:
+            return None
+        ranked = [(step, self.manager.metrics(step)) for step in self.steps()]
+        ranked = [(_rank_value(keep_best, m), step) for step, m in ranked if m]
+        return max(ranked)[1] if ranked else None
+
+    def resolve_step(self, step, keep_best=None) -> int:
+        """The step a `--step` value names: None / "latest", "best" (by `keep_best`, the
+        run's checkpoint.keep_best) or a number among the kept steps."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory}: no checkpoints (has the run saved one?)")
+        if step in (None, "", "latest"):
+            return steps[-1]
+        if step == "best":
+            best = self.best_step(keep_best)
+            if best is None:
+                raise CheckpointError(
+                    f"--step best: no checkpoint of {self.directory} was ranked (train with "
+                    "checkpoint.keep_best set to an eval metric); kept steps: {steps}"
+                )
+            return best
+        if not (str(step).isdigit() and int(step) in steps):
+            raise CheckpointError(
+                f"--step {step}: not among the checkpoints of {self.directory} ({steps}); "
+                "give one of them, latest or best"
+            )
+        return int(step)
+
     def read_config(self, step: int) -> dict:
         """The resolved config the run saved with checkpoint `step`."""
         return self.manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         ).config
 
-    def save(self, step: int, state, data_position: dict, config: dict) -> None:
+    def save(self, step: int, state, data_position: dict, config: dict, metrics=None) -> None:
+        """`metrics` (an evaluation's {name: value}) make the checkpoint a candidate for
+        keep_best; Orbax stores them with it, so the ranking survives a resume."""
         self.wait()  # Orbax would wait for a save in flight anyway; a failure is named as its
         with self._failing_as(step):
             self.manager.save(
@@ -97,6 +140,7 @@ class Checkpointer:
                     data=ocp.args.JsonSave(data_position),
                     config=ocp.args.JsonSave(config),
                 ),
+                metrics=metrics if self.keep_best else None,
                 force=True,
             )
         self.in_flight = step
@@ -246,6 +290,51 @@ class Checkpointer:
     def close(self) -> None:
         self.unwatch()
         self.manager.close()
+
+
+def _rank_value(keep_best, metrics) -> float:
+    """Higher is better, whatever the mode; a missing or non-finite value ranks last."""
+    value = float((metrics or {}).get(keep_best.metric, math.nan))
+    if not math.isfinite(value):
+        return -math.inf
+    return value if keep_best.mode == "max" else -value
+
+
+def _preservation_options(max_to_keep: int, keep_best) -> dict:
+    """CheckpointManagerOptions for what is kept: the max_to_keep latest (what a resume
+    uses), and with keep_best also its `count` best of the checkpoints saved with metrics.
+    best_fn is set as well because Orbax writes a checkpoint's metrics to disk only then;
+    the preservation policy decides what is deleted."""
+    if keep_best is None:
+        return {"max_to_keep": max_to_keep}
+    policies = ocp.checkpoint_managers
+    rank = functools.partial(_rank_value, keep_best)
+    return {
+        "best_fn": rank,
+        "best_mode": "max",  # rank() is higher-is-better in both modes
+        "preservation_policy": policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=max_to_keep),
+                policies.BestN(
+                    get_metric_fn=rank,
+                    reverse=False,  # ascending: the last `count` are kept
+                    n=keep_best.count,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        ),
+    }
+
+
+class _NoMetricsWarning(logging.Filter):
+    """With keep_best, saves between evaluations carry no metrics on purpose; Orbax warns
+    about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsWarning())
 
 
 def abstract_like(tree):

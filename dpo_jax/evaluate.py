@@ -1,6 +1,6 @@
 """Evaluate a training run's checkpoint on one or more preference sets.
 
-    python -m dpo_jax.evaluate --workdir runs/tiny [--step N] [--data FILE ...]
+    python -m dpo_jax.evaluate --workdir runs/tiny [--step N|best] [--data FILE ...]
 
 Restores the policy of DIR/checkpoints/<step> (the latest by default), rebuilds the frozen
 reference exactly as training built it (the initial policy), and for each named eval set —
@@ -91,7 +91,7 @@ def eval_means(eval_fn, params, ref_params, batches, *, mesh, what: str = "eval"
 
 def evaluate(
     workdir: str,
-    step: int | None = None,
+    step: int | str | None = None,
     data_files=None,
     *,
     devices=None,
@@ -122,13 +122,7 @@ def evaluate(
     # and the restored policy takes the same shardings (no optimizer: only params are read).
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise EvaluateError(f"{ckpt.directory}: no checkpoints")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise EvaluateError(f"{ckpt.directory}: no checkpoint of step {step} (have {steps})")
+        step = ckpt.resolve_step(step, s.checkpoint.keep_best)
         shardings = state.param_shardings(model_config, mesh, s.mesh.rules)
         ref_params = None
         if s.loss.needs_reference:
@@ -195,7 +189,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-USER_ERRORS = (EvaluateError, *settings.USER_ERRORS)
+USER_ERRORS = (EvaluateError, checkpoint.CheckpointError, *settings.USER_ERRORS)
 
 
 def main(argv=None) -> None:
@@ -203,7 +197,7 @@ def main(argv=None) -> None:
         prog="python -m dpo_jax.evaluate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--workdir", required=True, help="training run directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
+    parser.add_argument("--step", default=None, help="checkpoint step: N, latest or best")
     parser.add_argument(
         "--data",
         nargs="+",

@@ -1,9 +1,10 @@
 """Export a training checkpoint as a Hugging Face folder.
 
-    python -m dpo_jax.export --workdir runs/x [--step N] --out runs/x/hf-N [--dtype bfloat16]
+    python -m dpo_jax.export --workdir runs/x [--step N|best] --out runs/x/hf-N [--dtype bfloat16]
 
-Restores only the policy params of DIR/checkpoints/<step> (the latest by default; the
-optimizer state is never read) onto an fsdp mesh of all devices, then writes safetensors,
+Restores only the policy params of DIR/checkpoints/<step> (the latest by default; with
+`--step best` the best by the run's checkpoint.keep_best; the optimizer state is never read)
+onto an fsdp mesh of all devices, then writes safetensors,
 config.json, generation_config.json and the tokenizer of the run's model (data.tokenizer when
 set, else model.name) with `dpo_jax.hf.save_pretrained`. The folder loads in
 `transformers.AutoModelForCausalLM.from_pretrained`, vLLM, and `dpo_jax.hf.load_pretrained`.
@@ -56,19 +57,20 @@ def write_hf(
     )
 
 
-def restore_params(workdir: str, step: int | None = None, devices=None):
-    """(the run's Settings, ModelConfig, params fsdp-sharded over `devices`, step) of a
-    checkpoint of `workdir`; the optimizer state is never read."""
+def restore_params(workdir: str, step: int | str | None = None, devices=None):
+    """(the run's Settings, ModelConfig, params fsdp-sharded over `devices`, step) of
+    checkpoint `step` of `workdir` (a number, "latest" = None, or "best"); the optimizer
+    state is never read."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise ExportError(f"--workdir {workdir}: no checkpoints/ folder (has it trained?)")
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     try:
-        steps = ckpt.steps()
-        if step is None:
-            step = ckpt.latest_step()
-        if step is None or step not in steps:
-            raise ExportError(f"--step {step}: not among the checkpoints of {workdir}: {steps}")
+        latest = ckpt.latest_config()
+        keep_best = None
+        if latest is not None:
+            keep_best = settings.from_config(settings.from_json(latest)).checkpoint.keep_best
+        step = ckpt.resolve_step(step, keep_best)
         s = settings.from_config(settings.from_json(ckpt.read_config(step)))
         # Architecture and weight dtype only: what the exported files hold.
         model_config = hf.read_model_config(s.model.name, param_dtype=s.model.param_dtype)
@@ -80,8 +82,9 @@ def restore_params(workdir: str, step: int | None = None, devices=None):
     return s, model_config, params, step
 
 
-def export(workdir: str, out: str, step: int | None = None, *, dtype=None, devices=None) -> int:
-    """Writes checkpoint `step` (default: latest) of `workdir` as an HF folder; returns step."""
+def export(workdir: str, out: str, step=None, *, dtype=None, devices=None) -> int:
+    """Writes checkpoint `step` (a number, None = latest, or "best") of `workdir` as an HF
+    folder; returns the step written."""
     s, model_config, params, step = restore_params(workdir, step, devices)
     write_hf(out, model_config, params, s.model.name, tokenizer=s.tokenizer, dtype=dtype)
     return step
@@ -94,7 +97,9 @@ def define_flags() -> None:
     """CLI flags, defined only when run as a program (train.py imports this module and has
     a --workdir of its own)."""
     flags.DEFINE_string("workdir", None, "Training directory (holds checkpoints/).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_string(
+        "step", None, "Checkpoint step to export: a number, latest (default) or best."
+    )
     flags.DEFINE_string("out", None, "Output folder for the Hugging Face model.")
     flags.DEFINE_string("dtype", "", "Weights dtype, e.g. bfloat16 (default: as trained).")
     flags.mark_flags_as_required(["workdir", "out"])
@@ -105,7 +110,7 @@ def main(argv) -> None:
     sharding.initialize_distributed()
     try:
         step = export(FLAGS.workdir, FLAGS.out, FLAGS.step, dtype=FLAGS.dtype or None)
-    except (ExportError, *settings.USER_ERRORS) as error:
+    except (ExportError, checkpoint.CheckpointError, *settings.USER_ERRORS) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
         print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)

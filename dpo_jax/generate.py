@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpo_jax import data, export, hf, model, settings
+from dpo_jax.checkpoint import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +305,7 @@ def _eos_ids(tokenizer, folder: str) -> tuple[int, ...]:
     return tuple(sorted(set(ids))) or (-1,)  # -1: no EOS, never stop early
 
 
-def load_model(path: str, step: int | None = None):
+def load_model(path: str, step: int | str | None = None):
     """(ModelConfig, params, tokenizer, EOS ids, what was loaded) of an HF folder or hub id,
     or of a training workdir: its exported DIR/hf when there is one and no `step` is asked
     for, else a checkpoint (the latest by default) with the run's tokenizer."""
@@ -343,7 +344,7 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF folder / hub id, or a training workdir")
-    parser.add_argument("--step", type=int, default=None, help="workdir: this checkpoint")
+    parser.add_argument("--step", default=None, help="workdir: this checkpoint (N or best)")
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
     given.add_argument("--prompts", metavar="FILE", help='.jsonl of {"prompt": ...} or .txt')
@@ -383,7 +384,13 @@ def main(argv=None) -> None:
             batch_size=args.batch_size,
             eos_id=eos_ids,
         )
-    except (GenerateError, export.ExportError, OSError, *settings.USER_ERRORS) as error:
+    except (
+        GenerateError,
+        export.ExportError,
+        CheckpointError,
+        OSError,
+        *settings.USER_ERRORS,
+    ) as error:
         raise SystemExit(f"error: {error}") from None
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -101,7 +101,14 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
-    c.checkpoint.max_to_keep = 2
+    c.checkpoint.max_to_keep = 2  # the latest ones (resume uses the newest)
+    # Also keep the best by an eval metric, e.g. "eval/rewards/accuracies" or "eval/loss"
+    # ("eval/<set>/..." for a named validation set); "" = off. Each evaluation then saves a
+    # checkpoint carrying its metrics; Orbax keeps the keep_best_count best of those beside
+    # the max_to_keep latest. `python -m dpo_jax.export --step best` writes the best one.
+    c.checkpoint.keep_best = ""
+    c.checkpoint.keep_best_mode = "auto"  # "max", "min"; auto = min for a *loss, else max
+    c.checkpoint.keep_best_count = 1
     c.checkpoint.async_save = True
     c.checkpoint.export_hf = True  # write DIR/hf/ (Hugging Face format) at the end
     c.checkpoint.export_dtype = "bfloat16"  # dtype of the exported weights

@@ -17,7 +17,7 @@ from dpo_jax.data import DataError, DataSettings
 from dpo_jax.data import cache as data_cache
 from dpo_jax.data.sources import parse_mapping, split_list
 from dpo_jax.sharding import MeshError, mesh_rules
-from dpo_jax.step import LossConfig
+from dpo_jax.step import LossConfig, metric_names
 
 
 class ConfigError(ValueError):
@@ -81,11 +81,19 @@ class LoopSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeepBest:
+    metric: str  # an eval row's name, e.g. "eval/loss"
+    mode: str  # "min" or "max"
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
     max_to_keep: int
     async_save: bool
     export_hf: bool
     export_dtype: str
+    keep_best: KeepBest | None  # None: only the latest are kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +169,28 @@ class BenchSettings:
     warmup_steps: int  # untimed steps after compilation
     steps: int  # timed steps (median reported)
     seed: int  # pair generator
+
+
+def keep_best_settings(c, loss: LossConfig, data: DataSettings) -> KeepBest | None:
+    """checkpoint.keep_best*: the metric must be one that every evaluation writes."""
+    metric = str(_get(c, "keep_best", "") or "")
+    if not metric:
+        return None
+    prefixes = [f"eval/{name}/" if name else "eval/" for name, _ in data.validation_sources]
+    if not prefixes:
+        raise ConfigError(
+            f"config checkpoint.keep_best={metric!r}: needs held-out data to rank checkpoints "
+            "by; set data.validation_file (or data.validation_files)"
+        )
+    names = [prefix + name for prefix in prefixes for name in metric_names(loss)]
+    _check(metric in names, "checkpoint.keep_best", metric, f"one of {', '.join(names)}")
+    mode = str(_get(c, "keep_best_mode", "auto"))
+    _check(mode in ("auto", "min", "max"), "checkpoint.keep_best_mode", mode, "auto, min or max")
+    if mode == "auto":
+        mode = "min" if metric.endswith("loss") else "max"
+    count = _number(c, "keep_best_count", "checkpoint.keep_best_count", int, 1)
+    _check(count > 0, "checkpoint.keep_best_count", count, "at least 1 checkpoint")
+    return KeepBest(metric, mode, count)
 
 
 # ------------------------------------------------------------------------ conversion
@@ -437,11 +467,12 @@ def _from_config(config) -> Settings:
     c = config.checkpoint
     max_to_keep = _number(c, "max_to_keep", "checkpoint.max_to_keep", int)
     _check(max_to_keep > 0, "checkpoint.max_to_keep", max_to_keep, "at least 1 checkpoint")
+    data = data_settings(config.data, int(config.model.max_length))
     return Settings(
         model=model_settings(config),
         loss=loss,
         optim=optim_settings(config.training),
-        data=data_settings(config.data, int(config.model.max_length)),
+        data=data,
         tokenizer=str(config.data.tokenizer or config.model.name),
         batch=batch_settings(config),
         mesh=mesh_settings(config.mesh),
@@ -451,6 +482,7 @@ def _from_config(config) -> Settings:
             async_save=bool(c.async_save),
             export_hf=bool(c.export_hf),
             export_dtype=str(c.export_dtype),
+            keep_best=keep_best_settings(c, loss, data),
         ),
         logging=LoggingSettings(
             tensorboard=bool(config.logging.tensorboard),

@@ -152,7 +152,22 @@ def pair_sums(
     )
     pair_logps = losses.PairLogps.from_sequences(policy_S, ref_logps_S, lengths_S)
     pair_mask_P = batch["pair_mask"]
-    loss_P, metrics = losses.preference_loss(
+    loss_P, metrics = _pair_losses(loss_config, pair_logps, pair_mask_P)
+    valid_P = pair_mask_P.astype(jnp.float32)
+    sums = {name: jnp.sum(value * valid_P) for name, value in metrics.items()}
+    sums["loss"] = jnp.sum(jnp.where(pair_mask_P, loss_P, 0.0))
+    # TRL's logits/* are means over completion tokens (and the vocabulary) of the logits.
+    sums["logits/chosen"] = jnp.sum(logit_sums_S[0::2] * valid_P)
+    sums["logits/rejected"] = jnp.sum(logit_sums_S[1::2] * valid_P)
+    sums["count/pairs"] = jnp.sum(valid_P)
+    sums["count/chosen_tokens"] = jnp.sum(lengths_S[0::2] * valid_P)
+    sums["count/rejected_tokens"] = jnp.sum(lengths_S[1::2] * valid_P)
+    return sums["loss"], sums
+
+
+def _pair_losses(loss_config: LossConfig, pair_logps, pair_mask_P):
+    """(per-pair loss, {metric: per-pair value}) of the configured loss."""
+    return losses.preference_loss(
         loss_config.loss_type,
         pair_logps,
         beta=loss_config.beta,
@@ -166,16 +181,17 @@ def pair_sums(
         pair_mask=pair_mask_P,
         **dict(loss_config.hparams),
     )
-    valid_P = pair_mask_P.astype(jnp.float32)
-    sums = {name: jnp.sum(value * valid_P) for name, value in metrics.items()}
-    sums["loss"] = jnp.sum(jnp.where(pair_mask_P, loss_P, 0.0))
-    # TRL's logits/* are means over completion tokens (and the vocabulary) of the logits.
-    sums["logits/chosen"] = jnp.sum(logit_sums_S[0::2] * valid_P)
-    sums["logits/rejected"] = jnp.sum(logit_sums_S[1::2] * valid_P)
-    sums["count/pairs"] = jnp.sum(valid_P)
-    sums["count/chosen_tokens"] = jnp.sum(lengths_S[0::2] * valid_P)
-    sums["count/rejected_tokens"] = jnp.sum(lengths_S[1::2] * valid_P)
-    return sums["loss"], sums
+
+
+def metric_names(loss_config: LossConfig) -> tuple[str, ...]:
+    """The names of the means finalize() gives for this loss (train rows; eval rows add
+    "eval/"), found by tracing the loss on one dummy pair: nothing is computed, so a config
+    can be checked against them before any model work."""
+    one_pair = losses.PairLogps.from_sequences(-jnp.ones(2), -jnp.ones(2), jnp.ones(2))
+    _, metrics = jax.eval_shape(
+        lambda logps: _pair_losses(loss_config, logps, jnp.ones(1, bool)), one_pair
+    )
+    return tuple(sorted({*metrics, "loss", "logits/chosen", "logits/rejected"}))
 
 
 def finalize(sums: dict) -> dict:

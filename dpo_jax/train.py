@@ -95,7 +95,10 @@ def run(s: Settings, workdir: str, devices=None, allow_changed: tuple = ()) -> T
 def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResult:
     lead = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(
-        workdir, max_to_keep=s.checkpoint.max_to_keep, async_save=s.checkpoint.async_save
+        workdir,
+        max_to_keep=s.checkpoint.max_to_keep,
+        async_save=s.checkpoint.async_save,
+        keep_best=s.checkpoint.keep_best,
     )
     # A resume continues the run its checkpoints belong to: a changed config is refused
     # before anything (config.json included) is written.
@@ -318,6 +321,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                 eval_now = done or (loop.eval_every > 0 and step % loop.eval_every == 0)
                 stop = ckpt.should_stop(step)
                 save_now = step % loop.checkpoint_every == 0 or done or stop
+                save_now |= eval_now and ckpt.keep_best is not None  # a candidate for best
                 sample_now = sampler is not None and (
                     (done and samples_every >= 0)
                     or (samples_every > 0 and step % samples_every == 0)
@@ -334,7 +338,8 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                 if sample_now:
                     sample(step)
                 if save_now:
-                    ckpt.save(step, train_state, position, s.resolved)
+                    ranked = dict(eval_metrics) if eval_now else None
+                    ckpt.save(step, train_state, position, s.resolved, metrics=ranked)
                 if stop:
                     print(
                         f"pre-empted: saved step {step}; re-run the same command to resume",
@@ -358,6 +363,15 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                 except Exception:
                     if ending is None:
                         raise
+
+    if lead and (best := ckpt.best_step()) is not None:
+        metric = s.checkpoint.keep_best.metric
+        value = ckpt.manager.metrics(best)[metric]
+        print(
+            f"best checkpoint: step {best} ({metric} {value:.4g}); export it with python -m "
+            f"dpo_jax.export --workdir {workdir} --step best --out {workdir}/hf-best",
+            flush=True,
+        )
 
     # --- export and report
     if s.checkpoint.export_hf and step == total_steps:
