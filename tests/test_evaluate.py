@@ -71,7 +71,8 @@ def test_cli_earlier_step_named_sets_and_other_mesh(run, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--step", "3"], "no checkpoint of step 3 (have [2, 4])"),
+        (["--step", "3"], "--step 3: not among the checkpoints of"),
+        (["--step", "best"], "--step best: no checkpoint"),
         (["--data", "a.jsonl", "x/a.jsonl"], "two eval sets are named 'a'"),
         (["--mesh", "2,2"], "expected three integers"),
         (["--data", "missing.jsonl"], "missing.jsonl: file not found"),
