@@ -40,7 +40,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step)} | {k: float(v) for k, v in metrics.items()}
-        line = json.dumps(row) + "\n"
+        # When the row was written (Unix seconds): the report's wall time and pace. The
+        # sinks keep their own timestamps, so it stays out of their curves.
+        stamped = row | {"time": round(time.time(), 3)}
+        line = json.dumps(stamped) + "\n"
         with open(self.path, "a") as f:
             faults.write(f, line, f"metrics@{step}")
         if self.sinks is not None:
@@ -261,7 +264,9 @@ def export_tensorboard(workdir: str) -> str:
     writer = TensorBoardWriter(logdir)
     for row in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
         if "step" in row:
-            writer.write(row["step"], {k: v for k, v in row.items() if isinstance(v, (int, float))})
+            scalars = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            scalars.pop("time", None)  # when the row was written: not a curve
+            writer.write(row["step"], scalars)
     writer.close()
     return logdir
 

@@ -34,7 +34,14 @@ from dpo_jax import faults  # noqa: E402
 
 # (file stem, title, metrics drawn together, y-axis scale: linear | log | fraction (0..1))
 PLOTS = (
-    ("loss", "Loss", ("loss",), "linear"),
+    ("loss", "Total loss (what is minimised)", ("loss",), "linear"),
+    (
+        "preference_loss",
+        "Preference loss alone (ln 2 = 0.693 at the start)",
+        ("preference_loss",),
+        "linear",
+    ),
+    ("sft_loss", "SFT loss (NLL of the chosen reply)", ("sft_loss",), "linear"),
     ("accuracy", "Reward accuracy (chosen reward > rejected)", ("rewards/accuracies",), "fraction"),
     ("margins", "Reward margin (chosen − rejected)", ("rewards/margins",), "linear"),
     ("rewards", "Rewards β·log π/π_ref", ("rewards/chosen", "rewards/rejected"), "linear"),
@@ -123,40 +130,68 @@ SIDE_COLORS = {"chosen": "tab:green", "rejected": "tab:red"}
 EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
+def panels(lines: dict[str, tuple[list[int], list[float]]], scale: str) -> list[list[str]]:
+    """The labels drawn on each panel: one panel, or one per split (train, eval, eval/<set>)
+    when sharing an axis would squash each split's own curve into less than a third of it
+    (train vs eval log-probs of a memorising model: -7 vs -156)."""
+    order = sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
+    splits: dict[str, list[str]] = {}
+    for label in order:
+        splits.setdefault(label.split(" ")[0], []).append(label)
+    if len(splits) < 2 or scale != "linear":
+        return [order]
+    values = {
+        split: [v for label in group for v in lines[label][1]] for split, group in splits.items()
+    }
+    everything = [v for group in values.values() for v in group]
+    floor = 0.05 * max(abs(v) for v in everything)  # a flat or one-point curve still has a size
+    own = max(max(max(group) - min(group), floor) for group in values.values())
+    shared = max(everything) - min(everything)
+    return list(splits.values()) if shared > 3 * own else [order]
+
+
 def plot(
     title: str,
     lines: dict[str, tuple[list[int], list[float]]],
     scale: str = "linear",
     colors: dict[str, str] | None = None,
 ) -> bytes:
-    """PNG bytes of one figure: one line per label; train solid, eval dashed with markers."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    """PNG bytes of one figure: one line per label; train solid, eval dashed with markers;
+    splits whose scales differ get panels side by side."""
+    groups = panels(lines, scale) if lines else [[]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4, 3.6), dpi=100, squeeze=False)
     # train first, then eval, then other eval sets; the legend reads in that order
     order = sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
-    for i, label in enumerate(order):
-        steps, values = lines[label]
-        is_eval = label.startswith("eval")
-        ax.plot(
-            steps,
-            values,
-            label=label,
-            color=(colors or {}).get(label, EXTRA_COLORS[i % len(EXTRA_COLORS)]),
-            # a sparse series (one eval, one sampled step) must still show as points
-            marker="o" if is_eval or len(steps) <= 12 else None,
-            markersize=4,
-            linewidth=1.8 if is_eval else 1.4,
-            linestyle="--" if is_eval else "-",
-        )
-    if scale == "log" and all(v > 0 for _, values in lines.values() for v in values):
-        ax.set_yscale("log")
-    elif scale == "fraction":
-        ax.set_ylim(-0.03, 1.03)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel("step")
-    ax.grid(True, alpha=0.3)
-    if lines:
-        ax.legend(fontsize=8)
+    for ax, group in zip(axes[0], groups, strict=True):
+        for label in group:
+            steps, values = lines[label]
+            is_eval = label.startswith("eval")
+            ax.plot(
+                steps,
+                values,
+                label=label,
+                color=(colors or {}).get(
+                    label, EXTRA_COLORS[order.index(label) % len(EXTRA_COLORS)]
+                ),
+                # a sparse series (one eval, one sampled step) must still show as points
+                marker="o" if is_eval or len(steps) <= 12 else None,
+                markersize=4,
+                linewidth=1.8 if is_eval else 1.4,
+                linestyle="--" if is_eval else "-",
+            )
+        if scale == "log" and all(v > 0 for label in group for v in lines[label][1]):
+            ax.set_yscale("log")
+        elif scale == "fraction":
+            ax.set_ylim(-0.03, 1.03)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if group:
+            ax.legend(fontsize=8)
+    if len(groups) > 1:
+        fig.suptitle(f"{title} (own scale per panel)", fontsize=11)
+    else:
+        axes[0][0].set_title(title, fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -178,6 +213,8 @@ def make_plots(rows: list[dict]) -> list[tuple[str, str, bytes]]:
                 color = SIDE_COLORS.get(side) if len(metrics) > 1 else SPLIT_COLORS.get(label)
                 if color and (label in SPLIT_COLORS):
                     colors[name] = color
+        if stem == "sft_loss" and not any(v for _, values in lines.values() for v in values):
+            continue  # no SFT term in this run
         if lines:
             figures.append((stem, title, plot(title, lines, scale, colors)))
     if rates := sample_rate_series(rows):
@@ -225,6 +262,35 @@ def summary_section(rows: list[dict]) -> str:
             row.append(last_eval.get(f"eval/{metric}", "—"))
         body.append(row)
     return table(header, body)
+
+
+def run_section(rows: list[dict]) -> str:
+    """How the run went as a whole: steps, wall time, pace, utilisation, memory. Means skip
+    the first logged step (it includes compilation) unless it is the only one."""
+    train = [r for r in rows if "loss" in r]
+    if not train:
+        return ""
+    paced = train[1:] or train
+
+    def mean(key):
+        values = [r[key] for r in paced if isinstance(r.get(key), (int, float))]
+        return sum(values) / len(values) if values else "—"
+
+    times = [r["time"] for r in train if isinstance(r.get("time"), (int, float))]
+    wall = "—"
+    if len(times) > 1:
+        seconds = round(times[-1] - times[0])
+        wall = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    memory = [r["memory/peak_gb"] for r in train if "memory/peak_gb" in r]
+    body = [
+        ["steps trained", train[-1]["step"] + 1],
+        [f"wall time, step {train[0]['step']} to {train[-1]['step']}", wall],
+        ["mean tokens/s", mean("tokens_per_sec")],
+        ["mean pairs/s", mean("pairs_per_sec")],
+        ["mean MFU", mean("mfu")],
+        ["peak device memory (GiB)", max(memory) if memory else "not measured (CPU)"],
+    ]
+    return f"<h2>Run</h2>{table(['', 'value'], body)}"
 
 
 def sample_rates_section(rows: list[dict]) -> str:
@@ -392,7 +458,7 @@ def render_html(workdir: str, rows: list[dict], samples: list[dict], figures) ->
         f"<p>{html.escape(os.path.basename(os.path.abspath(workdir)))} · generated {generated} · "
         f"{sum('loss' in r for r in rows)} train rows, {sum('eval/loss' in r for r in rows)} "
         "eval rows in metrics.jsonl</p>"
-        f"<h2>Summary</h2>{summary_section(rows)}"
+        f"<h2>Summary</h2>{summary_section(rows)}{run_section(rows)}"
         f"{sample_rates_section(rows)}"
         f'<h2>Curves</h2><div class="plots">{images or "<p>No metrics to plot.</p>"}</div>'
         f"{evaluations_section(workdir)}{samples_section(samples)}{data_section(workdir)}"

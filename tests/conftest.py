@@ -111,7 +111,8 @@ def train_rows(rows):
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-THROUGHPUT = ("tokens_per_sec", "pairs_per_sec", "mfu", "memory/peak_gb")  # timings differ
+# timings differ from run to run; "time" is when the row was written
+THROUGHPUT = ("tokens_per_sec", "pairs_per_sec", "mfu", "memory/peak_gb", "time")
 
 
 def assert_rows_close(a, b, rtol=1e-5, atol=1e-5, skip=THROUGHPUT):

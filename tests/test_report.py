@@ -20,6 +20,8 @@ def train_row(step):
     return {
         "step": step,
         "loss": loss,
+        "preference_loss": loss,
+        "sft_loss": 0.0,  # no SFT term: no sft_loss plot
         "rewards/accuracies": min(1.0, 0.5 + step / 40),
         "rewards/margins": step / 20,
         "rewards/chosen": step / 40,
@@ -31,13 +33,15 @@ def train_row(step):
         "tokens_per_sec": 1000.0 + step,
         "mfu": 0.3 + step / 1000,
         "memory/peak_gb": 12.5,
+        "pairs_per_sec": 10.0 + step,
+        "time": 1_000_000.0 + 2.0 * step,  # a step every 2 s
     }
 
 
 def eval_row(step, prefix="eval/"):
     row = train_row(step)
     return {"step": step} | {
-        f"{prefix}{k}": v for k, v in row.items() if k not in ("step", "learning_rate")
+        f"{prefix}{k}": v for k, v in row.items() if k not in ("step", "learning_rate", "time")
     }
 
 
@@ -79,6 +83,7 @@ def test_report_is_self_contained_with_every_plot(workdir):
     text = open(path, encoding="utf-8").read()
     expected = {
         "loss",
+        "preference_loss",
         "accuracy",
         "margins",
         "rewards",
@@ -103,6 +108,31 @@ def test_report_is_self_contained_with_every_plot(workdir):
     assert "Step 20: 3 of 3 prompts" in text
     assert "policy_preferred_rate" in text and "0.95" in text
     assert "config.json" in text
+
+
+def test_run_summary_gives_wall_time_pace_and_memory(workdir):
+    text = open(report.write_report(str(workdir)), encoding="utf-8").read()
+    run = text.split("<h2>Run</h2>", 1)[1].split("</table>", 1)[0]
+    cells = re.findall(r"<td>(.*?)</td>", run)
+    summary = dict(zip(cells[0::2], cells[1::2], strict=True))
+    assert summary["steps trained"] == "21"
+    assert summary["wall time, step 0 to 20"] == "0:00:40"  # 20 steps of 2 s
+    # means over steps 1..20 (step 0 includes compilation): 1000 + 10.5, 10 + 10.5
+    assert summary["mean tokens/s"] == "1010" and summary["mean pairs/s"] == "20.5"
+    assert summary["peak device memory (GiB)"] == "12.5"
+
+
+def test_splits_of_different_scales_get_their_own_panels():
+    train = ([0, 1, 2], [-7.9, -7.5, -7.2])
+    evals = ([1, 2], [-156.1, -156.0])
+    lines = {"train chosen": train, "eval chosen": evals, "eval rejected": evals}
+    assert report.panels(lines, "linear") == [["train chosen"], ["eval chosen", "eval rejected"]]
+    # Overlapping scales (rewards of both splits near 0) share one axis, as does a log plot.
+    near = {"train": ([0, 1], [0.0, 0.05]), "eval": ([1], [0.03])}
+    assert report.panels(near, "linear") == [["train", "eval"]]
+    assert report.panels(lines, "log") == [["train chosen", "eval chosen", "eval rejected"]]
+    png = report.plot("log-probs", lines)
+    assert png.startswith(PNG_MAGIC)
 
 
 def test_series_labels_train_eval_and_named_eval_sets(workdir):
