@@ -170,7 +170,7 @@ class TensorBoardWriter:
 
 class WandbWriter:
     """Weights & Biases run of the workdir; a resumed training continues the same W&B run
-    (its id is kept in DIR/wandb_run_id)."""
+    (its id is kept in DIR/wandb_run_id) and none of its rows is dropped."""
 
     def __init__(self, workdir: str, *, project: str, config: dict | None = None, name=None):
         import wandb
@@ -192,9 +192,15 @@ class WandbWriter:
             dir=workdir,
             config=config,
         )
+        # Our step is a logged value that every chart uses as its x-axis, not W&B's own step:
+        # W&B drops a row whose step it has seen, and a resume recomputes the steps between
+        # the checkpoint and the stop (their values are equal: the resume is exact).
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def write(self, step: int, metrics: dict) -> None:
-        self.run.log({k: float(v) for k, v in metrics.items() if k != "step"}, step=int(step))
+        values = {k: float(v) for k, v in metrics.items() if k != "step"}
+        self.run.log({"step": int(step)} | values)
 
     def close(self) -> None:
         self.run.finish()

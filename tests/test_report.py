@@ -203,11 +203,22 @@ def test_a_missing_writer_package_is_a_warning(tmp_path, monkeypatch, missing):
 
 
 def test_wandb_when_installed_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
-    calls = []
+    """A fake W&B with W&B's rule: a row logged at a step it has already seen is dropped.
+    The run logs steps 1-5 and stops; its resume (from a checkpoint at step 3) logs 4-6,
+    and every one of those rows must arrive."""
+    calls, kept = [], []
 
     class Run:
-        def log(self, metrics, step):
-            calls.append(("log", step, metrics))
+        seen = -1  # W&B's own step, across the resumption (the same run id)
+
+        def define_metric(self, name, step_metric=None):
+            calls.append(("define_metric", name, step_metric))
+
+        def log(self, metrics, step=None):
+            step = Run.seen + 1 if step is None else step
+            if step > Run.seen:
+                Run.seen = step
+                kept.append(metrics)
 
         def finish(self):
             calls.append(("finish",))
@@ -218,16 +229,19 @@ def test_wandb_when_installed_logs_and_resumes_the_same_run(tmp_path, monkeypatc
 
     fake = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "r1"))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    for _ in range(2):  # a run, then its resumption
+    for steps in ((1, 2, 3, 4, 5), (4, 5, 6)):  # a run, then its resumption
         writer = metrics_log.open_writers(
             str(tmp_path), tensorboard=False, wandb=True, config={"a": 1}
         )
-        writer.write(3, {"loss": 0.5, "eval/loss": 0.6})
+        for step in steps:
+            writer.write(step, {"loss": 1.0 / step, "eval/loss": 0.6})
         writer.close()
     inits = [c[1] for c in calls if c[0] == "init"]
     assert [i["id"] for i in inits] == ["r1", "r1"] and inits[0]["resume"] == "allow"
     assert inits[0]["config"] == {"a": 1} and inits[0]["dir"] == str(tmp_path)
-    assert ("log", 3, {"loss": 0.5, "eval/loss": 0.6}) in calls
+    assert ("define_metric", "*", "step") in calls  # charts use our step as the x-axis
+    assert [row["step"] for row in kept] == [1, 2, 3, 4, 5, 4, 5, 6]
+    assert kept[-1] == {"step": 6, "loss": 1.0 / 6, "eval/loss": 0.6}
 
 
 def test_step_lines_show_elapsed_and_an_eta_from_the_pace_since_the_first_row(tmp_path, capsys):
