@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dpo_jax import data, export, hf, model, settings
+from dpo_jax import data, export, hf, model, progress, settings
 from dpo_jax.checkpoint import CheckpointError
 
 
@@ -234,7 +234,8 @@ def generate(
     outputs = []
     rng = jax.random.key(cfg.seed)
     compiled_cfg = dataclasses.replace(cfg, seed=0)  # the seed lives in rng: no recompile
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in progress.bar(starts, what=f"sampling {len(prompts)} prompts", unit="batch"):
         chunk = prompts[start : start + batch_size]
         # Fixed batch shape: fill a short last batch with copies of its first prompt.
         filled = chunk + [chunk[0]] * (batch_size - len(chunk))

@@ -1,7 +1,7 @@
-"""Progress bars for the phases that take more than a few seconds (the reference precompute,
-evaluation, export): a tqdm bar with rate and ETA on a terminal, on process 0 only. When
-stderr is not a terminal (a SLURM or CI log) there is no bar: those logs keep only the
-periodic lines each phase prints itself."""
+"""Progress bars for the phases that take more than a few seconds (tokenization, the
+reference precompute, evaluation, sampling, export): a tqdm bar with rate and ETA on a
+terminal, on process 0 only. When stderr is not a terminal (a SLURM or CI log) there is no
+bar: those logs keep only the periodic lines each phase prints itself."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from collections.abc import Iterable
 import jax
 
 
-def _on_terminal() -> bool:
+def on_terminal() -> bool:
     return jax.process_index() == 0 and sys.stderr.isatty()
 
 
 def bar(iterable: Iterable, *, what: str, unit: str, total: int | None = None) -> Iterable:
     """`iterable` itself, shown as a bar while it is consumed where there is a terminal."""
-    if not _on_terminal():
+    if not on_terminal():
         return iterable
     from tqdm import tqdm
 

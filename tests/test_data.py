@@ -223,3 +223,14 @@ def test_first_version_api_still_works(tmp_path, tokenizer):
     assert next(stream)["tokens"].shape == (1, 4, 64)
     assert data.length_stats(pairs)["max"] == max(max(p.lengths) for p in pairs)
     np.testing.assert_array_equal(pairs[0].chosen, pairs[1].chosen)
+
+
+def test_tokenization_shows_a_bar_only_on_a_terminal(tokenizer, monkeypatch, capsys):
+    from dpo_jax import progress
+
+    records = [(f"x:{i}", GOOD) for i in range(3)]
+    data.tokenize_records(records, tokenizer, CONFIG)
+    assert "tokenizing" not in capsys.readouterr().err  # a log file: no bar
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    data.tokenize_records(records, tokenizer, CONFIG)
+    assert "tokenizing 3 pairs" in capsys.readouterr().err

@@ -263,7 +263,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
 
     assert list(progress.bar(range(3), what="export", unit="tensor", total=3)) == [0, 1, 2]
     assert capsys.readouterr().err == ""  # not a terminal: no bar in the log
-    monkeypatch.setattr(progress, "_on_terminal", lambda: True)
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
     assert list(progress.bar(range(3), what="export", unit="tensor", total=3)) == [0, 1, 2]
     assert "export" in capsys.readouterr().err
 

@@ -211,14 +211,18 @@ def _tokenize_batch(batch: dict, renderer: Renderer, lengths: Lengths) -> dict:
 
 @contextlib.contextmanager
 def quiet_datasets(num_proc: int):
-    """No progress bars; worker processes started by spawn, not fork, once JAX is loaded
-    (forking a process whose JAX runtime runs threads can deadlock the child)."""
+    """datasets' progress bar (rate, ETA) only where dpo_jax.progress shows bars (a terminal,
+    process 0); worker processes started by spawn, not fork, once JAX is loaded (forking a
+    process whose JAX runtime runs threads can deadlock the child)."""
     import datasets
     import multiprocess
 
+    from dpo_jax import progress  # here: spawned workers import this module without JAX
+
     enabled = datasets.is_progress_bar_enabled()
     method = multiprocess.get_start_method(allow_none=True)
-    datasets.disable_progress_bars()
+    if not progress.on_terminal():
+        datasets.disable_progress_bars()
     if num_proc > 1 and "jax" in sys.modules:
         multiprocess.set_start_method("spawn", force=True)
     gc.freeze()  # forked workers then never walk (and copy) the parent's objects
@@ -276,6 +280,7 @@ def tokenize_examples(
             remove_columns=["prompt", "chosen", "rejected"],
             features=features,
             new_fingerprint=fingerprint or hashlib.sha256(os.urandom(8)).hexdigest()[:16],
+            desc=f"tokenizing {len(examples)} pairs",
         )
     table = mapped.data.table
     counts, keep = Counter(), np.zeros(len(table), bool)
