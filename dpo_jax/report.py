@@ -159,7 +159,9 @@ def plot(
     """PNG bytes of one figure: one line per label; train solid, eval dashed with markers;
     splits whose scales differ get panels side by side."""
     groups = panels(lines, scale) if lines else [[]]
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.4, 3.6), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(6.4, 3.6), dpi=100, squeeze=False, sharex=True
+    )  # panels side by side keep one step axis
     # train first, then eval, then other eval sets; the legend reads in that order
     order = sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
     for ax, group in zip(axes[0], groups, strict=True):
