@@ -14,7 +14,9 @@ import argparse
 import importlib
 import json
 import os
+import secrets
 import shutil
+import string
 import sys
 import time
 import warnings
@@ -181,7 +183,9 @@ class WandbWriter:
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            # Our own id, W&B's form (8 of [a-z0-9]): wandb.util.generate_id is gone in 0.31.
+            alphabet = string.ascii_lowercase + string.digits
+            run_id = "".join(secrets.choice(alphabet) for _ in range(8))
             with open(id_path, "w") as f:
                 f.write(run_id)
         self.run = wandb.init(
