@@ -66,9 +66,8 @@ def restore_params(workdir: str, step: int | str | None = None, devices=None):
         raise ExportError(f"--workdir {workdir}: no checkpoints/ folder (has it trained?)")
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     try:
-        latest = ckpt.latest_config()
-        keep_best = None
-        if latest is not None:
+        keep_best = None  # only "best" needs the run's ranking (its newest config's)
+        if step == "best" and (latest := ckpt.latest_config()) is not None:
             keep_best = settings.from_config(settings.from_json(latest)).checkpoint.keep_best
         step = ckpt.resolve_step(step, keep_best)
         s = settings.from_config(settings.from_json(ckpt.read_config(step)))

@@ -80,13 +80,13 @@ class MetricsWriter:
         first_step, first_time = self.first_row
         left = self.total_steps - 1 - step
         if step > first_step:
-            eta = _clock_time((now - first_time) / (step - first_step) * left)
+            eta = clock_time((now - first_time) / (step - first_step) * left)
         else:
             eta = "0:00:00" if left == 0 else "?"
-        return f"elapsed {_clock_time(now - self.started)}, eta {eta}"
+        return f"elapsed {clock_time(now - self.started)}, eta {eta}"
 
 
-def _clock_time(seconds: float) -> str:
+def clock_time(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 

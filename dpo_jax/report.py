@@ -30,7 +30,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dpo_jax import faults  # noqa: E402
+from dpo_jax import faults, metrics_log  # noqa: E402
 
 # (file stem, title, metrics drawn together, y-axis scale: linear | log | fraction (0..1))
 PLOTS = (
@@ -130,11 +130,16 @@ SIDE_COLORS = {"chosen": "tab:green", "rejected": "tab:red"}
 EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
+def legend_order(lines) -> list[str]:
+    """Train first, then eval, then other eval sets: the order legends and panels read in."""
+    return sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
+
+
 def panels(lines: dict[str, tuple[list[int], list[float]]], scale: str) -> list[list[str]]:
     """The labels drawn on each panel: one panel, or one per split (train, eval, eval/<set>)
     when sharing an axis would squash each split's own curve into less than a third of it
     (train vs eval log-probs of a memorising model: -7 vs -156)."""
-    order = sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
+    order = legend_order(lines)
     splits: dict[str, list[str]] = {}
     for label in order:
         splits.setdefault(label.split(" ")[0], []).append(label)
@@ -162,8 +167,7 @@ def plot(
     fig, axes = plt.subplots(
         1, len(groups), figsize=(6.4, 3.6), dpi=100, squeeze=False, sharex=True
     )  # panels side by side keep one step axis
-    # train first, then eval, then other eval sets; the legend reads in that order
-    order = sorted(lines, key=lambda k: (not k.startswith("train"), k != "eval", k))
+    order = legend_order(lines)
     for ax, group in zip(axes[0], groups, strict=True):
         for label in group:
             steps, values = lines[label]
@@ -281,8 +285,7 @@ def run_section(rows: list[dict]) -> str:
     times = [r["time"] for r in train if isinstance(r.get("time"), (int, float))]
     wall = "—"
     if len(times) > 1:
-        seconds = round(times[-1] - times[0])
-        wall = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        wall = metrics_log.clock_time(times[-1] - times[0])
     memory = [r["memory/peak_gb"] for r in train if "memory/peak_gb" in r]
     body = [
         ["steps trained", train[-1]["step"] + 1],
