@@ -417,10 +417,9 @@ def data_section(workdir: str) -> str:
     batching = report.get("batching", {})
     if batching:
         shown = {k: v for k, v in batching.items() if not isinstance(v, (dict, list))}
-        if "pairs_per_step" in batching:
-            shown["pairs_per_step"] = ", ".join(
-                f"{k} {v}" for k, v in batching["pairs_per_step"].items()
-            )
+        for key in ("pairs_per_step", "tokens_per_step"):
+            if key in batching:
+                shown[key] = ", ".join(f"{k} {v}" for k, v in batching[key].items())
         if "total_steps" in report:
             shown["total_steps"] = report["total_steps"]
         parts.append(table(["batching", "value"], [[k, v] for k, v in shown.items()]))

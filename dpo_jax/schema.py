@@ -42,9 +42,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.ranked_ties = "error"  # error | skip: never a pair with equal ranks
     c.data.truncation = "truncate"  # truncate | error: what to do with over-long pairs
     c.data.on_error = "raise"  # raise: stop at the first bad record; skip: count and go on
-    c.data.packing = False  # pack whole pairs into rows (segment ids) instead of padding
-    c.data.packed_rows = 0  # rows per micro-batch when packing (0 = automatic)
-    c.data.packed_pairs = 0  # pair slots per micro-batch when packing (0 = automatic)
+    # Pack whole pairs into rows (segment ids) instead of padding; a step still holds
+    # training.batch_size pairs (a pair that does not fit moves to the next step).
+    c.data.packing = False
+    # Rows of max_seq_length per packed micro-batch (0 = the fewest that hold all the pairs
+    # of 98% of the data's micro-batches, sized from its lengths after tokenization).
+    c.data.packed_rows = 0
     # Packed pairs as [prompt | chosen | rejected] with the prompt computed once (rows of
     # 2 x max_seq_length; needs data.packing). Saves the prompt's second pass.
     c.data.prefix_sharing = False

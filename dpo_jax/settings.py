@@ -339,6 +339,14 @@ def data_settings(d, model_max_length: int | None = None) -> DataSettings:
     cache_dir = get("cache_dir", "")
     weights = tuple(float(w) for w in split_list(get("train_weights", "")))
     buckets = get("bucket_lengths", "")
+    packed_rows = _number(d, "packed_rows", "data.packed_rows", int, 0)
+    shared = bool(get("prefix_sharing", False))
+    _check(
+        packed_rows == 0 or packed_rows >= (1 if shared else 2),
+        "data.packed_rows",
+        packed_rows,
+        "use 0 (sized from the data's lengths) or at least 2 rows (1 with data.prefix_sharing)",
+    )
     return DataSettings(
         max_seq_length=max_seq_length,
         max_prompt_length=int(get("max_prompt_length") or 0) or None,
@@ -355,9 +363,8 @@ def data_settings(d, model_max_length: int | None = None) -> DataSettings:
         truncation=str(get("truncation", "truncate")),
         on_error=str(get("on_error", "raise")),
         packing=bool(get("packing", False)),
-        packed_rows=int(get("packed_rows", 0)),
-        packed_pairs=int(get("packed_pairs", 0)),
-        prefix_sharing=bool(get("prefix_sharing", False)),
+        packed_rows=packed_rows,
+        prefix_sharing=shared,
         max_segments_per_row=int(get("max_segments_per_row", 0)),
         bucket_lengths=buckets if isinstance(buckets, str) else tuple(buckets),
         shuffle=bool(get("shuffle", True)),

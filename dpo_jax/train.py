@@ -124,10 +124,11 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         seed=s.loop.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        row_multiple=sharding.data_parallel_size(mesh),
     )
     iterator, eval_sets = built.train, built.evals
-    # Packed rows per micro-batch may be set apart from the batch size (data.packed_rows).
-    sharding.check_batch_rows(iterator.rows, mesh, "rows per micro-batch (data.packed_rows)")
+    # Packed rows per micro-batch are sized from the data, or set by data.packed_rows.
+    sharding.check_batch_rows(iterator.rows, mesh, "config data.packed_rows")
     if iterator.prefix_sharing:
         sharding.check_rows_process_major(mesh, iterator.rows)
     total_steps = s.loop.total_steps(iterator.total_steps)
@@ -138,6 +139,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(s.resolved, f, indent=2)
         print(f"data: {json.dumps(data_report)}", flush=True)
+        print(data.summary(data_report), flush=True)
         print(
             f"model: {model.num_params(model_config):,} parameters; mesh {dict(mesh.shape)}; "
             f"{jax.device_count()} {jax.devices()[0].platform} devices",
@@ -293,8 +295,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
 
     def flush(pending):
         step, metrics, totals, started = pending
-        metrics = jax.device_get(metrics)
-        del metrics["pairs"]
+        metrics = jax.device_get(metrics)  # "pairs": the logged step's own pair count
         metrics |= window.rates(totals, started)
         if (peak_gb := memory.device_peak_gb()) is not None:
             metrics["memory/peak_gb"] = peak_gb

@@ -130,11 +130,10 @@ def assert_rows_close(a, b, rtol=1e-5, atol=1e-5, skip=THROUGHPUT):
         assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=atol), (key, a[key], b[key])
 
 
-# Packed rows whose every step takes exactly the next 8 pairs of the epoch order (8 pair
-# slots, rows to spare), with or without prefix sharing: the same pairs per step.
+# Packed rows whose every step takes exactly the next 8 pairs of the epoch order (16 rows
+# always fit them), with or without prefix sharing: the same pairs per step.
 PACKED = {
     "data.packing": True,
-    "data.packed_pairs": 8,
     "data.packed_rows": 16,
     "training.max_steps": 4,
     "eval.every_steps": 2,

@@ -95,6 +95,25 @@ def test_gradient_accumulation_matches_one_big_batch(baseline, small_validation,
         assert_rows_close(a, b)
 
 
+def test_packed_run_trains_like_padded_when_every_pair_fits(
+    packed_baseline, small_validation, tmp_path
+):
+    """data.packing with rows that hold every step's pairs: the same steps, the same
+    batch_size pairs in each (logged as "pairs") and every metric within float tolerance
+    of the padded run. Tolerance: the packed rows sum the same terms in another order."""
+    padded = fast_config(small_validation, **PACKED | {"data.packing": False, "data.prefetch": 0})
+    train.train(padded, str(tmp_path), devices=jax.devices()[:1])
+    expected, got = read_metrics(str(tmp_path)), read_metrics(packed_baseline[0])
+    assert len(expected) == len(got) == 6  # 4 steps + 2 evals
+    for a, b in zip(expected, got, strict=True):
+        assert_rows_close(a, b)
+    assert [r["pairs"] for r in train_rows(got).values()] == [8] * 4
+    with open(os.path.join(packed_baseline[0], "data_report.json")) as f:
+        batching = json.load(f)["batching"]
+    assert batching["mode"] == "packed" and batching["rows_per_micro_batch"] == 16
+    assert batching["pairs_per_step"] == {"min": 8, "mean": 8.0, "max": 8}
+
+
 def test_prefix_sharing_trains_like_separate_sequences(packed_baseline, small_validation, tmp_path):
     """[prompt | chosen | rejected] groups (the prompt computed once) on an 8-device fsdp
     mesh, where a pair's rows and its extra prediction live on different devices: every

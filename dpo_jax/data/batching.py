@@ -12,6 +12,7 @@ Pair-level arrays (pair_mask) are whole on every process.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,11 +129,13 @@ def pack_step(
     row_length: int,
     pair_slots: int,
     max_segments_per_row: int = 0,
+    splits: Sequence[int] = (),
 ) -> tuple[list[list[tuple]], list[int]]:
     """First-fit decreasing of whole pairs into one optimizer step.
 
-    Pairs (longest first; ties keep window order) go to the first micro-batch with a free
-    pair slot whose rows fit every part of the pair, each part first-fit into its rows.
+    Pairs go, in groups (the window cut at `splits`; each group longest first, ties in
+    window order), to the micro-batch with the most free tokens among those with a free pair
+    slot whose rows fit every part of the pair, each part first-fit into its rows.
     A pair's parts are its chosen and rejected sequences, or, with `rejected_lengths`
     None, one prefix-shared group [prompt | chosen | rejected] of `chosen_lengths` tokens.
     Returns per micro-batch [(pair index, slot per part…)] in slot order, and the pairs of
@@ -145,12 +148,20 @@ def pack_step(
     segments = np.zeros((micro_batches, rows), np.int64)
     plans: list[list] = [[] for _ in range(micro_batches)]
     placed = set()
-    for i in sorted(window, key=lambda i: -sum(int(lengths[i]) for lengths in parts)):
+    window = list(window)
+    bounds = [0, *splits, len(window)]
+    placing = []
+    for a, b in itertools.pairwise(bounds):
+        placing += sorted(window[a:b], key=lambda i: -sum(int(n[i]) for n in parts))
+    for i in placing:
         lengths = [int(part[i]) for part in parts]
         order = sorted(range(len(parts)), key=lambda k: -lengths[k])  # longer part first
         counts = np.array([len(p) for p in plans])
         room = (free >= lengths[order[0]]) & (segments < cap)
-        for a in np.flatnonzero((counts < pair_slots) & room.any(1)):
+        # The emptiest micro-batch first: first fit would fill micro-batch 0 with the longest
+        # pairs of the step (its pair slots run out long before its rows do).
+        open_ = np.flatnonzero((counts < pair_slots) & room.any(1))
+        for a in open_[np.argsort(-free[open_].sum(1), kind="stable")]:
             slots: list = [None] * len(parts)
             for k in order:
                 fits = (free[a] >= lengths[k]) & (segments[a] < cap)
@@ -170,6 +181,36 @@ def pack_step(
             placed.add(i)
             break
     return plans, [i for i in window if i not in placed]
+
+
+def rows_needed(
+    pairs: Sequence[int],
+    first_parts: np.ndarray,
+    second_parts: np.ndarray | None,
+    *,
+    row_length: int,
+    max_segments_per_row: int = 0,
+    minimum: int = 1,
+) -> int:
+    """Fewest rows of `row_length` that first-fit decreasing packs these pairs (indices into
+    the part lengths, as pack_step takes them) into, at least `minimum`."""
+    pairs = list(pairs)
+    total = int(first_parts[pairs].sum()) + (0 if second_parts is None else int(second_parts[pairs].sum()))
+    rows = max(minimum, -(-total // row_length))
+    while True:
+        _, left = pack_step(
+            pairs,
+            first_parts,
+            second_parts,
+            micro_batches=1,
+            rows=rows,
+            row_length=row_length,
+            pair_slots=len(pairs),
+            max_segments_per_row=max_segments_per_row,
+        )
+        if not left:
+            return rows
+        rows += 1
 
 
 def fill_packed(

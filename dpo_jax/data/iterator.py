@@ -2,15 +2,21 @@
 
 Epoch e's order is a permutation drawn from (seed, e); with a weighted mixture each source
 first contributes its share of the epoch (sampled from (seed, e, source), repeated when a
-small source is upsampled). Padded steps take the next batch_size pairs (a partial last batch
-of an epoch is left to later epochs' shuffles); packed steps take pairs in that order, packed
-first-fit-decreasing with a look-ahead window, so a step's pair count varies while its shape
-does not. The position is {"epoch", "index", "fingerprint"} (JSON, saved with checkpoints).
+small source is upsampled). A step is training.batch_size pairs in every layout: padded
+steps take the next batch_size pairs of that order; packed steps are packed first-fit-
+decreasing into rows per micro-batch sized from the data's lengths (`size_packed_rows`):
+first the pairs the step before passed on, then the next ones up to batch_size, and, where
+those leave pair slots and room, pairs of the next LOOK_AHEAD batches of the order that fit. So a
+step holds the same pairs as padded whenever they fit, nearly every step is full, and a
+pair that does not fit waits one step. Either way the pairs beyond the epoch's last full
+batch are left to later epochs' shuffles, and the shapes never change. The position is {"epoch", "index", "fingerprint"} (JSON, saved with checkpoints).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -31,6 +37,10 @@ from .batching import (
 )
 from .problems import DataError
 from .tokens import TokenizedPair
+
+SIZING_STEPS = 64  # packed steps of epoch 0 planned to size the rows
+SIZING_FILL = 0.99  # of batch_size, the mean pairs per step those steps must reach
+LOOK_AHEAD = 2  # batches of the order beyond a step's own whose pairs may fill its gaps
 
 
 def mixture_quotas(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
@@ -65,7 +75,7 @@ class PairIterator:
         buckets: Sequence[int] = (),
         packing: bool = False,
         packed_rows: int = 0,
-        packed_pairs: int = 0,
+        row_multiple: int = 1,
         prefix_sharing: bool = False,
         max_segments_per_row: int = 0,
         sources: Sequence[tuple[int, float]] | None = None,
@@ -102,20 +112,18 @@ class PairIterator:
         self.chosen_lengths, self.rejected_lengths = pair_parts(pairs)
         self.group_lengths, _ = pair_parts(pairs, prefix_sharing=True)
         micro = batch_size // accumulation_steps
-        if packing:
-            # The same tokens per micro-batch with or without prefix sharing by default.
-            self.rows = packed_rows or (micro if prefix_sharing else 2 * micro)
-            mean_pair = float(self.pair_tokens.mean()) if pairs else 1
-            self.pair_slots = (
-                packed_pairs or -(-int(1.5 * self.rows * self.pack_length / mean_pair) // 8) * 8
+        if len(pairs) < batch_size:
+            raise DataError(
+                f"training data has {len(pairs)} pairs, fewer than "
+                f"training.batch_size={batch_size}"
             )
-        else:
-            self.rows, self.pair_slots = 2 * micro, micro
-            if len(pairs) < batch_size:
-                raise DataError(
-                    f"training data has {len(pairs)} pairs, fewer than "
-                    f"training.batch_size={batch_size}"
-                )
+        self.pair_slots = micro  # pairs per micro-batch, packed or padded
+        # Packed rows per micro-batch: data.packed_rows, or sized from the lengths as a
+        # multiple of `row_multiple` (the data-parallel size and the process count).
+        self.rows = 2 * micro
+        if packing:
+            multiple = math.lcm(row_multiple, process_count)
+            self.rows = packed_rows or self.size_packed_rows(multiple)
         self.row_range = process_rows(self.rows, process_index, process_count)
         # Precomputed reference log-probs [pairs, 2] (reference.py); batches then carry
         # ref_logps [A, 2P].
@@ -137,6 +145,35 @@ class PairIterator:
             return self.group_lengths
         return self.chosen_lengths + self.rejected_lengths
 
+    def part_lengths(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each pair's parts as the packer places them (see batching.pair_parts)."""
+        if self.prefix_sharing:
+            return self.group_lengths, None
+        return self.chosen_lengths, self.rejected_lengths
+
+    def size_packed_rows(self, multiple: int = 1) -> int:
+        """The fewest rows per micro-batch (a multiple of `multiple`) with which the first
+        SIZING_STEPS packed steps of epoch 0 hold SIZING_FILL × batch_size pairs on average,
+        tried from a micro-batch's mean tokens up; at most the padded layout's rows (one
+        sequence or group per row, where every pair always fits)."""
+        most = self.pair_slots if self.prefix_sharing else 2 * self.pair_slots
+        # Two rows at least without prefix sharing: each of a pair's sequences may fill one.
+        least = 1 if self.prefix_sharing else 2
+        mean_tokens = float(self.pair_tokens.mean()) * self.pair_slots
+        rows = max(least, math.ceil(mean_tokens / self.pack_length))
+        if self.max_segments_per_row:  # sequences (or groups) per row are bounded too
+            parts = 1 if self.prefix_sharing else 2
+            rows = max(rows, math.ceil(parts * self.pair_slots / self.max_segments_per_row))
+        rows = -(-rows // multiple) * multiple
+        order = self.epoch_order(0).tolist()
+        while rows < most:
+            steps = list(itertools.islice(self.plan_steps(order, rows), SIZING_STEPS))
+            placed = sum(len(plan) for step in steps for plan in step)
+            if placed >= SIZING_FILL * self.batch_size * len(steps):
+                return rows
+            rows += multiple
+        return most
+
     # ------------------------------------------------------------------- order and plan
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -155,34 +192,47 @@ class PairIterator:
         order = np.concatenate(parts)
         return rng.permutation(order) if self.shuffle else order
 
-    def packed_plan(self, epoch: int) -> list:
-        """[step][micro-batch] → [(pair index, chosen slot, rejected slot)] for one epoch."""
-        if self._plan is not None and self._plan[0] == epoch:
-            return self._plan[1]
-        order = list(self.epoch_order(epoch))
-        capacity = self.accumulation_steps * self.rows * self.pack_length
-        mean_pair = float(self.pair_tokens.mean())
-        window_size = min(
-            self.accumulation_steps * self.pair_slots, int(1.5 * capacity / mean_pair) + 8
-        )
-        steps, waiting, next_pair = [], [], 0
-        while waiting or next_pair < len(order):
-            take = window_size - len(waiting)
-            waiting += order[next_pair : next_pair + take]
-            next_pair += take
-            plan, waiting = pack_step(
-                waiting,
-                self.group_lengths if self.prefix_sharing else self.chosen_lengths,
-                None if self.prefix_sharing else self.rejected_lengths,
+    def plan_steps(self, order: list, rows: int) -> Iterator[list]:
+        """Packed steps of one epoch order, [micro-batch] → [(pair index, slot per part…)]
+        each (see the module docstring); once the last full batch of the order is taken,
+        steps go on until no pair is waiting."""
+        queue = collections.deque(order[: len(order) // self.batch_size * self.batch_size])
+        waiting, taken_ahead = [], set()  # passed on; placed early from the look-ahead
+
+        def pop() -> int:
+            while (i := queue.popleft()) in taken_ahead:
+                taken_ahead.discard(i)
+            return i
+
+        while waiting or len(queue) > len(taken_ahead):
+            head = list(waiting)
+            while len(head) < self.batch_size and len(queue) > len(taken_ahead):
+                head.append(pop())
+            reach = itertools.islice(queue, len(taken_ahead) + LOOK_AHEAD * self.batch_size)
+            ahead = [i for i in reach if i not in taken_ahead][: LOOK_AHEAD * self.batch_size]
+            plan, left = pack_step(
+                head + ahead,
+                *self.part_lengths(),
                 micro_batches=self.accumulation_steps,
-                rows=self.rows,
+                rows=rows,
                 row_length=self.pack_length,
                 pair_slots=self.pair_slots,
                 max_segments_per_row=self.max_segments_per_row,
+                splits=(len(waiting), len(head)),
             )
-            steps.append(plan)
-        self._plan = (epoch, steps)
-        return steps
+            if len(left) == len(head) + len(ahead):  # cannot happen: a pair fits an empty batch
+                raise DataError(f"packing: no pair of {head[:4]}… fits {rows} rows")
+            unplaced = set(left)
+            waiting = [i for i in head if i in unplaced]
+            taken_ahead |= {i for i in ahead if i not in unplaced}
+            yield plan
+
+    def packed_plan(self, epoch: int) -> list:
+        """[step][micro-batch] → [(pair index, slot per part…)] for one epoch."""
+        if self._plan is None or self._plan[0] != epoch:
+            order = self.epoch_order(epoch).tolist()
+            self._plan = (epoch, list(self.plan_steps(order, self.rows)))
+        return self._plan[1]
 
     def steps_in_epoch(self, epoch: int) -> int:
         if not self.packing:
@@ -320,7 +370,8 @@ class PairIterator:
     # ----------------------------------------------------------------------- statistics
 
     def efficiency(self, epoch: int = 0) -> dict:
-        """Real tokens / row tokens of one epoch's steps, without building them."""
+        """Real tokens / row tokens of one epoch's steps, pairs and tokens per step, without
+        building the batches."""
         real = slots = 0
         pairs_per_step, shapes = [], {}
         for index in range(self.steps_in_epoch(epoch)):
@@ -337,12 +388,12 @@ class PairIterator:
             slots += self.accumulation_steps * self.rows * row_length
         key = "packing_efficiency" if self.packing else "padding_efficiency"
         counts = np.array(pairs_per_step or [0])
-        report = {
-            "mode": "packed, prefix-shared"
-            if self.prefix_sharing
-            else "packed"
-            if self.packing
-            else "padded",
+        steps = max(len(pairs_per_step), 1)
+        mode = "padded"
+        if self.packing:
+            mode = "packed, prefix-shared" if self.prefix_sharing else "packed"
+        return {
+            "mode": mode,
             key: round(real / max(slots, 1), 4),
             "steps_per_epoch": len(pairs_per_step),
             "rows_per_micro_batch": self.rows,
@@ -352,11 +403,12 @@ class PairIterator:
                 "mean": round(float(counts.mean()), 2),
                 "max": int(counts.max()),
             },
+            # Row tokens a step computes (padding included), and the pairs' own tokens.
+            "tokens_per_step": {"rows": round(slots / steps), "real": round(real / steps)},
             "steps_by_row_length": {str(k): v for k, v in sorted(shapes.items())},
+            # Beyond the epoch's last full batch: left to later epochs' shuffles.
+            "pairs_left_per_epoch": sum(self.quotas) % self.batch_size,
         }
-        if not self.packing:
-            report["pairs_left_per_epoch"] = sum(self.quotas) % self.batch_size
-        return report
 
 
 def eval_batches(

@@ -44,8 +44,7 @@ class DataSettings:
     truncation: str = "truncate"
     on_error: str = "raise"
     packing: bool = False
-    packed_rows: int = 0  # rows per micro-batch (0 = 2 · batch_size / accumulation)
-    packed_pairs: int = 0  # pair slots per micro-batch (0 = from the mean pair length)
+    packed_rows: int = 0  # rows per micro-batch (0 = sized from the data's lengths)
     prefix_sharing: bool = False  # packed [prompt | chosen | rejected] groups, prompt once
     max_segments_per_row: int = 0  # packed sequences per row at most (0 = as many as fit)
     bucket_lengths: tuple[int, ...] | str = ()  # padded row lengths ("auto", (), or lengths)
@@ -209,9 +208,11 @@ def build_data(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    row_multiple: int = 1,
 ) -> Data:
     """Reads, validates, tokenizes (cached) and batches the configured data. Raises
-    DataError before any training on bad input (data.on_error="raise")."""
+    DataError before any training on bad input (data.on_error="raise"). Packed rows per
+    micro-batch are sized as a multiple of `row_multiple` (the mesh's data-parallel size)."""
     if not settings.train_sources:
         raise DataError("config data.train_file is empty; name a file, glob or hf: dataset")
     renderer = Renderer(tokenizer, settings.apply_chat_template)
@@ -249,7 +250,7 @@ def build_data(
         buckets=resolve_buckets(settings.bucket_lengths, settings.max_seq_length),
         packing=settings.packing,
         packed_rows=settings.packed_rows,
-        packed_pairs=settings.packed_pairs,
+        row_multiple=row_multiple,
         prefix_sharing=settings.prefix_sharing,
         max_segments_per_row=settings.max_segments_per_row,
         sources=list(zip(sizes, weights, strict=True)) if weights else None,
@@ -284,11 +285,14 @@ def summary(report: dict) -> str:
     b = report["batching"]
     efficiency = b.get("packing_efficiency", b.get("padding_efficiency"))
     lengths = report["train"].get("lengths", {}).get("sequence", {})
+    pairs, tokens = b["pairs_per_step"], b["tokens_per_step"]
     lines.append(
-        f"data batching: {b['mode']}, {b['steps_per_epoch']} steps/epoch, "
-        f"{b['pairs_per_step']['mean']} pairs/step, row length {b['row_length']} "
-        f"(buckets {b['buckets']}), efficiency {efficiency:.1%}; sequence tokens "
-        f"p50 {lengths.get('p50')} p99 {lengths.get('p99')} max {lengths.get('max')}"
+        f"data batching: {b['mode']}, {b['rows_per_micro_batch']} rows × {b['row_length']} "
+        f"tokens per micro-batch (buckets {b['buckets']}), {b['steps_per_epoch']} steps/epoch, "
+        f"pairs/step mean {pairs['mean']} (min {pairs['min']}, max {pairs['max']}), "
+        f"tokens/step {tokens['rows']} ({tokens['real']} real), efficiency {efficiency:.1%}; "
+        f"sequence tokens p50 {lengths.get('p50')} p99 {lengths.get('p99')} "
+        f"max {lengths.get('max')}"
     )
     return "\n".join(lines)
 
