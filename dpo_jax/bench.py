@@ -41,7 +41,8 @@ from dpo_jax import (
     state,
     throughput,
 )
-from dpo_jax.data.batching import pack_step, packed_row_length, pair_parts
+from dpo_jax.data.batching import packed_row_length, pair_parts
+from dpo_jax.data.batching import rows_needed as rows_needed_for
 from dpo_jax.settings import BenchSettings, Settings
 from dpo_jax.step import jit_train_step
 
@@ -221,23 +222,13 @@ def rows_needed(
 ) -> int:
     """Fewest rows of `row_length` that first-fit decreasing packs these pairs into."""
     first, second = pair_parts(pairs, shared)
-    total = int(first.sum() + (0 if second is None else second.sum()))
-    rows = max(1, -(-total // row_length))
-    while True:
-        # With more rows the first ones fill exactly as before, so the first fit is the fewest.
-        _, left = pack_step(
-            range(len(pairs)),
-            first,
-            second,
-            micro_batches=1,
-            rows=rows,
-            row_length=row_length,
-            pair_slots=len(pairs),
-            max_segments_per_row=max_segments_per_row,
-        )
-        if not left:
-            return rows
-        rows += 1
+    return rows_needed_for(
+        range(len(pairs)),
+        first,
+        second,
+        row_length=row_length,
+        max_segments_per_row=max_segments_per_row,
+    )
 
 
 def row_length_of(w: Workload) -> int:

@@ -195,7 +195,7 @@ def rows_needed(
     """Fewest rows of `row_length` that first-fit decreasing packs these pairs (indices into
     the part lengths, as pack_step takes them) into, at least `minimum`."""
     pairs = list(pairs)
-    total = int(first_parts[pairs].sum()) + (0 if second_parts is None else int(second_parts[pairs].sum()))
+    total = sum(int(part[pairs].sum()) for part in (first_parts, second_parts) if part is not None)
     rows = max(minimum, -(-total // row_length))
     while True:
         _, left = pack_step(

@@ -9,7 +9,8 @@ first the pairs the step before passed on, then the next ones up to batch_size, 
 those leave pair slots and room, pairs of the next LOOK_AHEAD batches of the order that fit. So a
 step holds the same pairs as padded whenever they fit, nearly every step is full, and a
 pair that does not fit waits one step. Either way the pairs beyond the epoch's last full
-batch are left to later epochs' shuffles, and the shapes never change. The position is {"epoch", "index", "fingerprint"} (JSON, saved with checkpoints).
+batch are left to later epochs' shuffles, and the shapes never change. The position is
+{"epoch", "index", "fingerprint"} (JSON, saved with checkpoints).
 """
 
 from __future__ import annotations
@@ -114,8 +115,7 @@ class PairIterator:
         micro = batch_size // accumulation_steps
         if len(pairs) < batch_size:
             raise DataError(
-                f"training data has {len(pairs)} pairs, fewer than "
-                f"training.batch_size={batch_size}"
+                f"training data has {len(pairs)} pairs, fewer than training.batch_size={batch_size}"
             )
         self.pair_slots = micro  # pairs per micro-batch, packed or padded
         # Packed rows per micro-batch: data.packed_rows, or sized from the lengths as a
