@@ -24,7 +24,7 @@ def get_config():
             "model.name": "meta-llama/Llama-3.1-8B-Instruct",  # HF hub id or local folder
             "model.remat_policy": "full",  # none | dots_saveable | full
             "training.precompute_ref_log_probs": True,
-            "training.gradient_accumulation_steps": 4,  # 8 GPUs x 4 rows per micro-batch
+            "training.gradient_accumulation_steps": 4,  # 16 pairs per micro-batch, packed
             "training.learning_rate": 5e-07,  # peak
         },
     )

@@ -20,7 +20,7 @@ def get_config():
         {
             "model.name": "mistralai/Mistral-7B-Instruct-v0.3",  # HF hub id or local folder
             "model.remat_policy": "full",  # none | dots_saveable | full
-            "training.gradient_accumulation_steps": 4,  # 8 GPUs x 4 rows per micro-batch
+            "training.gradient_accumulation_steps": 4,  # 16 pairs per micro-batch, packed
             "training.learning_rate": 5e-07,  # peak
         },
     )

@@ -20,6 +20,6 @@ def get_config():
             "data.max_seq_length": 1024,  # prompt + completion tokens per sequence (row length)
             "model.max_length": 1024,  # longest sequence the model is run on
             "model.name": "Qwen/Qwen2.5-0.5B-Instruct",  # HF hub id or local folder
-            "training.gradient_accumulation_steps": 8,  # 1 GPU x 16 rows per micro-batch
+            "training.gradient_accumulation_steps": 8,  # 8 pairs per micro-batch, packed
         },
     )

@@ -42,9 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.ranked_ties = "error"  # error | skip: never a pair with equal ranks
     c.data.truncation = "truncate"  # truncate | error: what to do with over-long pairs
     c.data.on_error = "raise"  # raise: stop at the first bad record; skip: count and go on
-    # Pack whole pairs into rows (segment ids) instead of padding; a step still holds
-    # training.batch_size pairs (a pair that does not fit moves to the next step).
-    c.data.packing = False
+    # Pack whole pairs into rows (segment ids) instead of padding every sequence to
+    # max_seq_length; a step still holds training.batch_size pairs (a pair that does not fit
+    # moves to the next step). On for real models: most of a padded row is padding.
+    c.data.packing = True
     # Rows of max_seq_length per packed micro-batch (0 = the fewest that hold all the pairs
     # of 98% of the data's micro-batches, sized from its lengths after tokenization).
     c.data.packed_rows = 0
@@ -54,7 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     # With packing: sequences per row at most (0 = as many as fit). On cuDNN (Hopper,
     # cuDNN >= 9.6) a bound >= 2 sends packed rows to the flash kernel as segments
     # instead of a dense mask bias; its softmax statistics grow with the bound (8-16).
-    c.data.max_segments_per_row = 0
+    # Elsewhere (XLA attention, older cuDNN, prefix sharing) the rows take the mask path.
+    c.data.max_segments_per_row = 16
     c.data.bucket_lengths = ""  # padded row lengths: "" = max_seq_length, "auto", "128,256"
     c.data.shuffle = True  # shuffle pairs per epoch (seeded by training.seed)
     c.data.num_proc = 0  # tokenization workers (0 = automatic)
