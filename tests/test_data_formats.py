@@ -91,6 +91,22 @@ def test_prefix_mismatch_is_reported_with_the_record(tokenizer):
     assert "template_error: 2" in str(error.value)
 
 
+def test_a_record_the_template_rejects_is_found_in_its_batch(tokenizer):
+    """Templates render in batches; one raising record fails only itself, by its line."""
+    tok = copy.deepcopy(tokenizer)
+    raising = "{% if 'BOOM' in m['content'] %}{{ raise_exception('no BOOM') }}{% endif %}"
+    tok.chat_template = "{% for m in messages %}" + raising + "{% endfor %}" + CHATML
+    good = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Bye."}
+    bad = {"prompt": "BOOM?", "chosen": "Hello.", "rejected": "Bye."}
+    pairs = tokenize(tok, [good, bad, good], on_error="skip")
+    assert [p.source for p in pairs] == ["d.jsonl:1", "d.jsonl:3"]
+    alone = tokenize(tok, [good])[0]
+    assert all(p.prompt.tolist() == alone.prompt.tolist() for p in pairs)
+    with pytest.raises(data.DataError) as error:
+        tokenize(tok, [good, bad, good])
+    assert "d.jsonl:2: chat template failed: no BOOM" in str(error.value)
+
+
 def test_bos_added_once_per_tokenizer(tokenizer):
     tok = copy.deepcopy(tokenizer)
     bos = tok.bos_token_id

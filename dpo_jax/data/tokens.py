@@ -83,14 +83,48 @@ class Renderer:
             self.add_bos = probe[:1] == [self.bos_id]
 
     def texts(self, example: Example) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) text of one example; RecordError when it cannot be
+        rendered."""
         if not self.chat:
             return example.prompt, example.chosen, example.rejected
+        return self._cut(*self._render([example])[0])
+
+    def texts_batch(self, examples: Sequence[Example]) -> list[tuple[str, str, str] | RecordError]:
+        """texts() of many examples, the chat template rendered in three batched calls (one
+        per part: far less overhead per example); each entry its texts or its error."""
+        if not self.chat or not examples:
+            return [(e.prompt, e.chosen, e.rejected) for e in examples]
+        try:
+            rendered = self._render(examples)
+        except RecordError:  # one bad record fails the batch: find it, render the rest
+            return [self._texts_or_error(e) for e in examples]
+        out = []
+        for parts in rendered:
+            try:
+                out.append(self._cut(*parts))
+            except RecordError as e:
+                out.append(e)
+        return out
+
+    def _texts_or_error(self, example: Example) -> tuple[str, str, str] | RecordError:
+        try:
+            return self.texts(example)
+        except RecordError as e:
+            return e
+
+    def _render(self, examples: Sequence[Example]) -> list[tuple[str, str, str]]:
+        """(prompt with the generation prompt, prompt + chosen, prompt + rejected) rendered."""
         render = functools.partial(self.tokenizer.apply_chat_template, tokenize=False)
         try:
-            prompt = render(example.prompt, add_generation_prompt=True)
-            fulls = [render(example.prompt + side) for side in (example.chosen, example.rejected)]
+            prompts = render([e.prompt for e in examples], add_generation_prompt=True)
+            chosen = render([e.prompt + e.chosen for e in examples])
+            rejected = render([e.prompt + e.rejected for e in examples])
         except Exception as e:  # jinja raise_exception, unsupported roles, ...
             raise RecordError("template_error", f"chat template failed: {e}") from None
+        return list(zip(prompts, chosen, rejected, strict=True))
+
+    def _cut(self, prompt: str, *fulls: str) -> tuple[str, str, str]:
+        """The completions: each full rendering minus the prompt's, which must be its prefix."""
         completions = []
         for name, full in zip(("chosen", "rejected"), fulls, strict=True):
             if not full.startswith(prompt):
@@ -174,15 +208,17 @@ def tokenize_batch(batch: dict, *, renderer: Renderer, lengths: Lengths) -> dict
 def _tokenize_batch(batch: dict, renderer: Renderer, lengths: Lengths) -> dict:
     n = len(batch["where"])
     status, prompts, completions, ok = [""] * n, [], [], []
-    for i in range(n):
-        example = Example(
+    examples = [
+        Example(
             batch["where"][i], *(json.loads(batch[k][i]) for k in ("prompt", "chosen", "rejected"))
         )
-        try:
-            prompt, chosen, rejected = renderer.texts(example)
-        except RecordError as e:
-            status[i] = f"error:{e.reason}:{e.message}"
+        for i in range(n)
+    ]
+    for i, texts in enumerate(renderer.texts_batch(examples)):
+        if isinstance(texts, RecordError):
+            status[i] = f"error:{texts.reason}:{texts.message}"
             continue
+        prompt, chosen, rejected = texts
         ok.append(i)
         prompts.append(prompt)
         completions += [chosen, rejected]
