@@ -19,6 +19,7 @@ import os
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from dpo_jax import (
@@ -125,6 +126,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         row_multiple=sharding.data_parallel_size(mesh),
+        barrier=lambda: multihost_utils.sync_global_devices("dpo_jax tokenized data"),
     )
     iterator, eval_sets = built.train, built.evals
     # Packed rows per micro-batch are sized from the data, or set by data.packed_rows.

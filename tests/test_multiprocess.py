@@ -109,6 +109,10 @@ def test_two_processes_killed_and_resumed_match_one_process(
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "resumed from step" in finished.stdout
+    # Tokenized once: process 0 filled the cache while process 1 waited, then read it.
+    assert f"data: process 0 tokenized {small_train}, {small_validation}" in output
+    assert "data: process 1 read the tokenized data from the cache" in output
+    assert "process 1 tokenized" not in output
     assert f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs computed" in output
     loaded = f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs loaded"
     assert loaded in finished.stdout

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -186,6 +186,25 @@ def set_report(pairs: Sequence[TokenizedPair], sources: list[dict]) -> dict:
 # ---------------------------------------------------------------------- the entry point
 
 
+def log_who_tokenized(
+    reports: list[dict], process_index: int, lead_fills: bool, cache_dir: str | None
+) -> None:
+    """One line per process of a multi-process run: whether it tokenized or read the cache."""
+    tokenized = [r["source"] for r in reports if r["cache"] != "hit"]
+    if not tokenized:
+        print(f"data: process {process_index} read the tokenized data from the cache", flush=True)
+    elif process_index == 0 or not lead_fills:
+        why = "" if lead_fills else " (data.cache_dir=none: every process tokenizes)"
+        print(f"data: process {process_index} tokenized {', '.join(tokenized)}{why}", flush=True)
+    else:  # process 0 filled a cache this process cannot see
+        print(
+            f"data: process {process_index} tokenized {', '.join(tokenized)} again: "
+            f"data.cache_dir={cache_dir} is not shared with process 0; put "
+            "it on a disk all hosts see to tokenize once",
+            flush=True,
+        )
+
+
 class Data(NamedTuple):
     train: PairIterator  # next(train) → [A, R, T] batch; .state() / .restore(position)
     evals: dict[str, list[TokenizedPair]]  # name ("" = data.validation_file) → pairs
@@ -209,13 +228,20 @@ def build_data(
     process_index: int = 0,
     process_count: int = 1,
     row_multiple: int = 1,
+    barrier: Callable[[], None] | None = None,
 ) -> Data:
     """Reads, validates, tokenizes (cached) and batches the configured data. Raises
     DataError before any training on bad input (data.on_error="raise"). Packed rows per
-    micro-batch are sized as a multiple of `row_multiple` (the mesh's data-parallel size)."""
+    micro-batch are sized as a multiple of `row_multiple` (the mesh's data-parallel size).
+
+    Several processes with a cache and a `barrier` (all processes wait there): process 0
+    tokenizes and fills the cache while the others wait, then they read it."""
     if not settings.train_sources:
         raise DataError("config data.train_file is empty; name a file, glob or hf: dataset")
     renderer = Renderer(tokenizer, settings.apply_chat_template)
+    lead_fills = process_count > 1 and settings.cache_dir is not None and barrier is not None
+    if lead_fills and process_index > 0:
+        barrier()  # process 0 tokenizes meanwhile
     train_pairs, source_reports, sizes = [], [], []
     for spec in settings.train_sources:
         pairs, report = load_source(spec, tokenizer, settings, renderer)
@@ -237,6 +263,11 @@ def build_data(
             raise DataError(f"{spec}: no usable pairs ({report})")
         evals[name] = pairs
         eval_reports[name or "validation"] = set_report(pairs, [report])
+    if lead_fills and process_index == 0:
+        barrier()  # the cache is full: the others read it now
+    if process_count > 1:
+        every = source_reports + [r for e in eval_reports.values() for r in e["sources"]]
+        log_who_tokenized(every, process_index, lead_fills, settings.cache_dir)
     from .batching import resolve_buckets
 
     iterator = PairIterator(
