@@ -8,11 +8,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-import jax
-
 
 def on_terminal() -> bool:
-    return jax.process_index() == 0 and sys.stderr.isatty()
+    if not sys.stderr.isatty():
+        return False
+    # Not importing JAX here (seconds, for `python -m dpo_jax.data.bench`): a process that
+    # has not loaded it is no part of a multi-process run.
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
 
 
 def bar(iterable: Iterable, *, what: str, unit: str, total: int | None = None) -> Iterable:

@@ -272,6 +272,14 @@ def quiet_datasets(num_proc: int):
             multiprocess.set_start_method(method, force=True)
 
 
+def worker_count(num_examples: int, num_proc: int = 0) -> int:
+    """Tokenization processes for this many examples: data.num_proc, or (0) one per CPU
+    (at most 8) from _AUTO_PROC_MIN_EXAMPLES up; never fewer than 1000 examples each."""
+    if num_proc <= 0:
+        num_proc = min(os.cpu_count() or 1, 8) if num_examples >= _AUTO_PROC_MIN_EXAMPLES else 1
+    return max(1, min(num_proc, num_examples // 1000 or 1))
+
+
 def tokenize_examples(
     examples: Sequence[Example],
     renderer: Renderer,
@@ -303,9 +311,7 @@ def tokenize_examples(
     if not examples:
         empty = {name: [] for name in features if name != "status"}
         return pa.Table.from_pydict(empty, schema=features.arrow_schema.remove(1)), Counter()
-    if num_proc <= 0:
-        num_proc = min(os.cpu_count() or 1, 8) if len(examples) >= _AUTO_PROC_MIN_EXAMPLES else 1
-    num_proc = max(1, min(num_proc, len(examples) // 1000 or 1))
+    num_proc = worker_count(len(examples), num_proc)
     function = functools.partial(tokenize_batch, renderer=renderer, lengths=lengths)
     with quiet_datasets(num_proc):
         mapped = datasets.Dataset.from_dict(columns).map(
