@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,22 @@ def test_compare_pairs_runs_of_the_same_workload_whatever_each_trainer_did(tmp_p
     (pair,) = compare.pairs(results)  # the fp32 run has no TRL partner
     assert "pairs/s 3.00×" in pair and "packed" in pair and "padded" in pair
     assert compare.table(results).count("\n| ") == 3  # a row per run under the header
+
+
+def test_data_bench_runs_trls_preparation_beside_ours(tmp_path):
+    """python -m dpo_jax.data.bench on a few pairs: both tokenizations run on the same file
+    and agree token for token wherever neither truncates (figures, not a timed test)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_jax.data.bench", "--pairs", "300", "--batch_size", "8"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "ours, cold: 300 pairs" in out and "ours, warm: 300 pairs" in out
+    match = re.search(r"token ids equal to ours in (\d+) of (\d+) untruncated pairs", out)
+    assert match and int(match[1]) == int(match[2]) >= 100, out
+    assert re.search(r"vs TRL's preparation alone: [\d.]+x faster", out), out
+    assert re.search(r"packed: efficiency [\d.]+%, \d+ rows", out), out
