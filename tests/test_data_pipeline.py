@@ -243,3 +243,34 @@ def test_training_on_packed_batches_with_named_eval_sets(files, tmp_path):
     with open(os.path.join(workdir, "data_report.json")) as f:
         report = json.load(f)
     assert report["batching"]["mode"] == "packed" and report["train"]["pairs"] == 60
+
+
+def test_packed_embedded_data_keeps_batch_size_pairs_per_step(tokenizer):
+    """The embedded training data packed into rows of 128 (two or three sequences each):
+    every step holds at most training.batch_size=32 pairs, on average at least 98% of it,
+    in fewer rows than padding's 64; the report and the console line say so."""
+    from conftest import load_config
+
+    from dpo_jax import settings
+
+    s = settings.from_config(
+        load_config(
+            "tiny",
+            **{
+                "data.packing": True,
+                "data.max_seq_length": 128,
+                "data.cache_dir": "none",
+                "data.validation_file": "",
+            },
+        )
+    )
+    built = data.build_data(s.data, tokenizer, batch_size=32, accumulation_steps=1, seed=0)
+    batching = built.report["batching"]
+    assert batching["mode"] == "packed" and batching["rows_per_micro_batch"] < 64
+    assert batching["pairs_per_step"]["max"] == 32
+    assert batching["pairs_per_step"]["mean"] >= 0.98 * 32, batching
+    assert batching["steps_per_epoch"] >= 3000 // 32
+    line = data.summary(built.report).splitlines()[-1]
+    rows = batching["rows_per_micro_batch"]
+    assert f"packed, {rows} rows × 128 tokens per micro-batch" in line
+    assert f"pairs/step mean {batching['pairs_per_step']['mean']}" in line and "tokens/step" in line
