@@ -242,8 +242,9 @@ def _valid(pair_mask_P: Array | None, like_P: Array) -> Array:
 
 
 def sigmoid_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, **_) -> Array:
-    """DPO (arXiv 2305.18290): -log sig(b z); label smoothing e gives cDPO,
-    -(1-e) log sig(b z) - e log sig(-b z)."""
+    """DPO (arXiv 2305.18290): -log sig(b z); label smoothing e gives cDPO (arXiv 2305.18290's
+    note), -(1-e) log sig(b z) - e log sig(-b z). TRL 1.16's sigmoid ignores label_smoothing
+    (it smooths only robust, exo_pair, aot and aot_unpaired): with e = 0 the two agree."""
     return _smoothed_logistic_P(beta * _margin_P(lp), label_smoothing)
 
 
@@ -283,20 +284,12 @@ def nca_pair_loss(lp: PairLogps, *, beta: float, **_) -> Array:
     return -log_sigmoid(reward_w_P) - 0.5 * (log_sigmoid(-reward_w_P) + log_sigmoid(-reward_l_P))
 
 
-def bco_pair_loss(
-    lp: PairLogps, *, beta: float, bco_delta: float | None = None, pair_mask=None, **_
-) -> Array:
-    """BCO (arXiv 2404.04656): -log sig(r_w - delta) - log sig(-(r_l - delta)), r = beta*logratio.
-
-    TRL keeps delta as a running mean of the rewards across steps; a pure function cannot, so
-    delta is `bco_delta` when given, else the (stop-gradient) mean of this batch's chosen and
-    rejected rewards over valid pairs. Pass a running mean from the train loop to match TRL.
-    """
+def bco_pair_loss(lp: PairLogps, *, beta: float, bco_delta: float = 0.0, **_) -> Array:
+    """BCO (arXiv 2404.04656) as TRL 1.16 has it: -log sig(r_w - delta) - log sig(-(r_l - delta)),
+    r = beta * logratio, delta = `bco_delta` (0, TRL 1.16's: it dropped the running mean of
+    the rewards older TRL kept). A fixed delta keeps the loss per pair, so accumulation and
+    sharding give exactly the one-big-batch loss."""
     reward_w_P, reward_l_P = (beta * r_P for r_P in _logratios_P(lp))
-    if bco_delta is None:
-        valid_P = _valid(pair_mask, reward_w_P)
-        total = jnp.where(valid_P, reward_w_P + reward_l_P, 0.0).sum()
-        bco_delta = lax.stop_gradient(total / (2.0 * jnp.maximum(valid_P.sum(), 1)))
     return -log_sigmoid(reward_w_P - bco_delta) - log_sigmoid(-(reward_l_P - bco_delta))
 
 
@@ -428,6 +421,9 @@ LOSSES: dict[str, Callable[..., Array]] = {
 }
 # preference_loss feeds these length-averaged log-probs whatever preference_average_log_probs.
 AVERAGED_LOSSES = frozenset({"ipo", "simpo", "orpo", "sigmoid_norm"})
+# ...and reports rewards of averaged log-probs only for these (TRL's CPO and ORPO trainers
+# do; its DPO trainer reports summed ones for every loss, ipo and sigmoid_norm included).
+AVERAGED_REWARD_LOSSES = frozenset({"simpo", "orpo"})
 # ...and these never look at the reference (zero reference log-probs whatever
 # reference_free; sft is the NLL of the chosen reply alone).
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
@@ -468,8 +464,10 @@ def preference_loss(
            + sft_loss_weight * L_sft.
     Loss names are TRL's (see LOSSES). `preference_average_log_probs` (NeMo RL) averages log-probs
     per token for every preference loss; AVERAGED_LOSSES always average, REFERENCE_FREE_LOSSES
-    never use the reference. Rewards use the log-probs the preference losses saw (averaged /
-    reference-free when all of them were). Extra hparams: bco_delta, discopop_tau, simpo_gamma.
+    never use the reference. Rewards mean what TRL's names mean: beta times the summed
+    log-ratios, averaged only with `preference_average_log_probs` or when every preference
+    loss is simpo / orpo, reference-free when all of them are. Extra hparams: bco_delta,
+    discopop_tau, simpo_gamma.
     Loss names and hparams are Python values (static under jit).
     """
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -512,7 +510,7 @@ def preference_loss(
     rewarded = _prepare(
         logps,
         average=preference_average_log_probs
-        or (bool(preference_names) and all(n in AVERAGED_LOSSES for n in preference_names)),
+        or (bool(preference_names) and all(n in AVERAGED_REWARD_LOSSES for n in preference_names)),
         reference_free=reference_free
         or (bool(preference_names) and all(n in REFERENCE_FREE_LOSSES for n in preference_names)),
     )

@@ -90,6 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.precompute_ref_log_probs = False
     c.training.preference_average_log_probs = False  # length-normalise the preference logps
     c.training.sft_average_log_probs = True  # SFT NLL per token (False: per sequence)
+    # pair: each pair's SFT NLL (as sft_average_log_probs says), averaged over the pairs
+    # (NeMo RL's); batch_tokens: the NLL of every chosen token of the optimizer step over
+    # their count (TRL's), so long replies weigh more. Both exact under accumulation.
+    c.training.sft_normalization = "pair"
     c.training.preference_loss_weight = 1.0
     c.training.sft_loss_weight = 0.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
     c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})

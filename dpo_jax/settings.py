@@ -17,7 +17,7 @@ from dpo_jax.data import DataError, DataSettings
 from dpo_jax.data import cache as data_cache
 from dpo_jax.data.sources import parse_mapping, split_list
 from dpo_jax.sharding import MeshError, mesh_rules
-from dpo_jax.step import LossConfig, metric_names
+from dpo_jax.step import SFT_NORMALIZATIONS, LossConfig, metric_names
 
 
 class ConfigError(ValueError):
@@ -289,6 +289,14 @@ def loss_settings(config) -> LossConfig:
     )
     chunk = _number(config.model, "logits_chunk_size", "model.logits_chunk_size", int)
     _check(chunk > 0, "model.logits_chunk_size", chunk, "a positive number of vocabulary rows")
+    normalization = str(_get(t, "sft_normalization", "pair"))
+    _check(
+        normalization in SFT_NORMALIZATIONS,
+        "training.sft_normalization",
+        normalization,
+        "use 'pair' (each pair's NLL, averaged over pairs) or 'batch_tokens' (TRL's: the NLL "
+        "of every chosen token of the step over their count)",
+    )
     return LossConfig(
         loss_type=as_tuple(t.loss_type, str),
         loss_weights=as_tuple(t.loss_weights, float),
@@ -299,6 +307,7 @@ def loss_settings(config) -> LossConfig:
         sft_average_log_probs=bool(t.sft_average_log_probs),
         preference_loss_weight=float(t.preference_loss_weight),
         sft_loss_weight=float(t.sft_loss_weight),
+        sft_normalization=normalization,
         hparams=tuple(sorted((k, float(v)) for k, v in t.loss_hparams.items())),
         logits_chunk_size=chunk,
     )

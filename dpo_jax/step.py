@@ -4,8 +4,9 @@ Shape legend (dpo_jax/__init__.py): A accumulation micro-batches, R rows, T toke
 S sequences (2 per pair), P pairs, M tokens flattened, D model width, V vocabulary.
 
 Normalisation is global: every loss and metric is a sum over valid pairs of the whole
-optimizer step divided by the number of valid pairs in it, so micro-batching and sharding
-change nothing but float rounding.
+optimizer step divided by the number of valid pairs in it (the SFT term with
+sft_normalization="batch_tokens": by the number of chosen completion tokens in it), so
+micro-batching and sharding change nothing but float rounding.
 """
 
 from __future__ import annotations
@@ -35,12 +36,29 @@ class LossConfig:
     sft_average_log_probs: bool = True
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
+    sft_normalization: str = "pair"  # pair | batch_tokens (see SFT_NORMALIZATIONS)
     hparams: tuple[tuple[str, float], ...] = ()  # loss-specific: simpo_gamma, discopop_tau…
     logits_chunk_size: int = 4096  # vocabulary chunk of the log-prob; bounds logits memory
 
     @property
+    def token_sft(self) -> bool:
+        """The SFT term is normalised by the step's chosen tokens, not its pairs."""
+        return self.sft_normalization == "batch_tokens" and self.sft_weight != 0.0
+
+    @property
+    def sft_weight(self) -> float:
+        """The SFT term's total weight: sft_loss_weight plus the weights of "sft" entries."""
+        weights = self.loss_weights or (1.0,) * len(self.loss_type)
+        listed = sum(w for name, w in zip(self.loss_type, weights, strict=True) if name == "sft")
+        return self.sft_loss_weight + listed
+
+    @property
     def needs_reference(self) -> bool:
         return not self.reference_free and not set(self.loss_type) <= REFERENCE_FREE_LOSSES
+
+
+# pair: each pair's SFT NLL averaged over pairs (NeMo RL); batch_tokens: TRL's token mean.
+SFT_NORMALIZATIONS = ("pair", "batch_tokens")
 
 
 class NonFiniteError(RuntimeError):
@@ -156,6 +174,11 @@ def pair_sums(
     valid_P = pair_mask_P.astype(jnp.float32)
     sums = {name: jnp.sum(value * valid_P) for name, value in metrics.items()}
     sums["loss"] = jnp.sum(jnp.where(pair_mask_P, loss_P, 0.0))
+    if loss_config.token_sft:
+        # sft_loss is each pair's summed NLL here; "loss" keeps the preference part, and the
+        # SFT part waits for the step's token count (finalize, and train_step's objective).
+        sums["loss"] = sums["preference_loss"]
+        sums["count/sft_weighted_nll"] = loss_config.sft_weight * sums["sft_loss"]
     # TRL's logits/* are means over completion tokens (and the vocabulary) of the logits.
     sums["logits/chosen"] = jnp.sum(logit_sums_S[0::2] * valid_P)
     sums["logits/rejected"] = jnp.sum(logit_sums_S[1::2] * valid_P)
@@ -175,7 +198,8 @@ def _pair_losses(loss_config: LossConfig, pair_logps, pair_mask_P):
         label_smoothing=loss_config.label_smoothing,
         reference_free=loss_config.reference_free,
         preference_average_log_probs=loss_config.preference_average_log_probs,
-        sft_average_log_probs=loss_config.sft_average_log_probs,
+        # Token-normalised SFT starts from each pair's summed NLL (pair_sums divides).
+        sft_average_log_probs=loss_config.sft_average_log_probs and not loss_config.token_sft,
         preference_loss_weight=loss_config.preference_loss_weight,
         sft_loss_weight=loss_config.sft_loss_weight,
         pair_mask=pair_mask_P,
@@ -198,6 +222,10 @@ def finalize(sums: dict) -> dict:
     """Sums over valid pairs → global means (the count/… denominators are dropped)."""
     pairs = jnp.maximum(sums["count/pairs"], 1.0)
     metrics = {k: v / pairs for k, v in sums.items() if not k.startswith(("count/", "logits/"))}
+    if "count/sft_weighted_nll" in sums:  # sft_normalization="batch_tokens"
+        tokens = jnp.maximum(sums["count/chosen_tokens"], 1.0)
+        metrics["sft_loss"] = sums["sft_loss"] / tokens
+        metrics["loss"] = metrics["loss"] + sums["count/sft_weighted_nll"] / tokens
     metrics["logits/chosen"] = sums["logits/chosen"] / jnp.maximum(sums["count/chosen_tokens"], 1.0)
     metrics["logits/rejected"] = sums["logits/rejected"] / jnp.maximum(
         sums["count/rejected_tokens"], 1.0
@@ -226,9 +254,19 @@ def train_step(
     later steps apply nothing either, so whenever the host notices (at its next metrics read
     or checkpoint) the parameters are those before the first bad step."""
 
+    # The step's own denominators, from the whole batch before any micro-batch runs: each
+    # micro-batch's objective is then its exact share of the step's mean loss.
+    pairs = jnp.maximum(jnp.sum(batch_A["pair_mask"]), 1).astype(jnp.float32)
+    chosen = batch_A["loss_mask"] & (batch_A["sequence_ids"] % 2 == 0)
+    chosen_tokens = jnp.maximum(jnp.sum(chosen), 1).astype(jnp.float32)
+
     def objective(params, micro_batch):
         ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config, padded_rows)
-        return pair_sums(model_config, loss_config, params, ref_S, micro_batch, padded_rows)
+        _, sums = pair_sums(model_config, loss_config, params, ref_S, micro_batch, padded_rows)
+        share = sums["loss"] / pairs
+        if loss_config.token_sft:
+            share += sums["count/sft_weighted_nll"] / chosen_tokens
+        return share, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -248,8 +286,7 @@ def train_step(
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     (grads_sum, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch_A)
 
-    # Gradient of the global mean = gradient of the sum / the global number of valid pairs.
-    grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count/pairs"], 1.0), grads_sum)
+    grads = grads_sum  # the micro-batches' shares add up to the step's mean loss
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = finalize(sums)

@@ -59,10 +59,11 @@ KEYS = (
 )
 
 
-def golden_run() -> dict[int, dict[str, float]]:
+def golden_run(**extra) -> dict[int, dict[str, float]]:
+    """Two steps' metrics; "chosen_tokens" of step 0: its chosen completion tokens."""
     # No warmup: the first step updates at the peak rate (warmup's first rate is 0).
     overrides = FAST | {"training.sft_loss_weight": 1.0, "training.warmup_steps": 0}
-    overrides["data.cache_dir"] = "none"
+    overrides |= {"data.cache_dir": "none"} | extra
     s = settings.from_config(load_config("tiny", **overrides))
     model_config = state.model_config(s.model)
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
@@ -90,9 +91,12 @@ def golden_run() -> dict[int, dict[str, float]]:
     )
     out = {}
     for index in range(2):
-        batch = sharding.put_batch(next(built.train), mesh, row_axis=1)
+        host = next(built.train)
+        batch = sharding.put_batch(host, mesh, row_axis=1)
         train_state, metrics = step(train_state, ref, batch)
         out[index] = {k: float(v) for k, v in jax.device_get(metrics).items() if k in KEYS}
+        chosen = host["loss_mask"] & (host["sequence_ids"] % 2 == 0)
+        out[index]["chosen_tokens"] = int(chosen.sum())
     return out
 
 
@@ -104,8 +108,33 @@ def test_train_step_golden_metrics():
     for side in ("chosen", "rejected", "margins"):
         assert abs(got[0].pop(f"rewards/{side}")) < 1e-6
     for index, expected in GOLDEN.items():
+        got[index].pop("chosen_tokens")
         assert got[index].keys() == expected.keys()
         for key in expected:
             np.testing.assert_allclose(
                 got[index][key], expected[key], rtol=2e-5, atol=1e-6, err_msg=f"step {index} {key}"
             )
+
+
+def test_batch_token_sft_is_trls_and_exact_under_accumulation():
+    """training.sft_normalization="batch_tokens": the SFT term is the NLL of all chosen tokens
+    of the step over their count (TRL's), from the step's own log-probs at step 0; the same
+    with two micro-batches of 4 as with one of 8 (the denominator is the step's, not the
+    micro-batch's), after an update too. Tolerance as GOLDEN's (float32 sums in another
+    order); pair normalisation's value differs by far more (~1e-2)."""
+    one = golden_run(**{"training.sft_normalization": "batch_tokens"})
+    two = golden_run(
+        **{"training.sft_normalization": "batch_tokens", "training.gradient_accumulation_steps": 2}
+    )
+    first = one[0]
+    # Σ over the 8 pairs of the summed chosen NLL = -8 · logps/chosen (a mean over pairs).
+    expected = -8 * first["logps/chosen"] / first["chosen_tokens"]
+    np.testing.assert_allclose(first["sft_loss"], expected, rtol=2e-5)
+    np.testing.assert_allclose(first["loss"], first["preference_loss"] + expected, rtol=2e-5)
+    assert abs(first["sft_loss"] - GOLDEN[0]["sft_loss"]) > 1e-3  # not the per-pair mean
+    for index in (0, 1):
+        for key in ("loss", "sft_loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            if key in one[index]:
+                np.testing.assert_allclose(
+                    two[index][key], one[index][key], rtol=2e-5, atol=1e-6, err_msg=f"{index} {key}"
+                )

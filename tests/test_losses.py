@@ -80,9 +80,8 @@ def np_loss(
         return _sig(x) * (_logsig(x) - np.log(1 - e)) + _sig(-x) * (_logsig(-x) - np.log(e))
     if name == "nca_pair":
         return -_logsig(beta * a) - 0.5 * _logsig(-beta * a) - 0.5 * _logsig(-beta * b)
-    if name == "bco_pair":
-        if delta is None:
-            delta = np.concatenate([beta * a[valid], beta * b[valid]]).mean()
+    if name == "bco_pair":  # TRL 1.16: no running mean, delta = 0 unless given
+        delta = 0.0 if delta is None else delta
         return -_logsig(beta * a - delta) - _logsig(-(beta * b - delta))
     if name == "sppo_hard":
         return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
@@ -161,9 +160,6 @@ def test_gradient_matches_finite_difference(name):
     inp = make_inputs(2)
     kw = hparams_for(name)
     eps = kw.get("label_smoothing", 0.0)
-    # bco's default delta is a stop-gradient batch statistic: hold it fixed in the NumPy FD.
-    pw, pl, rw, rl = (x.astype(np.float64) for x in inp[:4])
-    delta = BETA * np.concatenate([pw - rw, pl - rl]).mean()
 
     def total(pw_B, pl_B):
         lp = as_pairs(inp)._replace(policy_chosen=pw_B, policy_rejected=pl_B)
@@ -175,7 +171,7 @@ def test_gradient_matches_finite_difference(name):
         x = [a.astype(np.float64) for a in inp]
         x[which] = x[which].copy()
         x[which][i] += h
-        return np_loss(name, x, eps=eps, delta=delta).sum()
+        return np_loss(name, x, eps=eps).sum()
 
     h = 1e-4
     for which, grad in ((0, grad_w), (1, grad_l)):
@@ -328,8 +324,10 @@ def test_nemo_style_weights_and_averaged_rewards():
     )
     np.testing.assert_allclose(loss_B, 0.5 * np_loss("ipo", inp) - 0.3 * pw, rtol=1e-5)
     np.testing.assert_allclose(m["sft_loss"], -pw, rtol=1e-6)
-    # ipo sees averaged log-probs, so do its rewards; logps/* stay summed.
-    np.testing.assert_allclose(m["rewards/chosen"], BETA * (pw - rw) / lw, rtol=1e-5, atol=1e-7)
+    # ipo sees averaged log-probs, its rewards are TRL's (summed log-ratios), logps/* summed.
+    np.testing.assert_allclose(m["rewards/chosen"], BETA * (pw - rw), rtol=1e-5, atol=1e-7)
+    _, m_avg = preference_loss("ipo", as_pairs(inp), beta=BETA, preference_average_log_probs=True)
+    np.testing.assert_allclose(m_avg["rewards/chosen"], BETA * (pw - rw) / lw, rtol=1e-5)
     np.testing.assert_array_equal(m["logps/chosen"], inp[0])
     for name in ("simpo", "orpo"):  # reference-free: rewards are beta * average policy logp
         _, m = preference_loss(name, as_pairs(inp), beta=BETA)
@@ -371,21 +369,19 @@ def test_batch_losses_ignore_invalid_pairs(name):
     np.testing.assert_array_equal(grad[~mask], 0.0)
 
 
-def test_bco_explicit_delta_and_stop_gradient_of_default_delta():
+def test_bco_pair_is_trls_and_per_pair():
+    """TRL 1.16's bco_pair (no delta), a fixed delta when given, and no batch statistic:
+    a pair's loss is the same alone as in any batch (accumulation changes nothing)."""
     inp = make_inputs(13)
+    loss_B, _ = preference_loss("bco_pair", as_pairs(inp), beta=BETA)
+    pw, pl, rw, rl = (x.astype(np.float64) for x in inp[:4])
+    trl = -_logsig(BETA * (pw - rw)) - _logsig(-BETA * (pl - rl))
+    np.testing.assert_allclose(loss_B, trl, rtol=1e-5)
     loss_B, _ = preference_loss("bco_pair", as_pairs(inp), beta=BETA, bco_delta=0.3)
     np.testing.assert_allclose(loss_B, np_loss("bco_pair", inp, delta=0.3), rtol=1e-5)
-    # At small beta the gradient through a mean delta cancels to first order; at beta = 1 it
-    # does not, so this tells a stop-gradient delta from a differentiated one.
-    pw, pl, rw, rl = (x.astype(np.float64) for x in inp[:4])
-    delta = np.concatenate([pw - rw, pl - rl]).mean()
-
-    def total(p):
-        lp = as_pairs(inp)._replace(policy_chosen=p)
-        return preference_loss("bco_pair", lp, beta=1.0)[0].sum()
-
-    want = _sig(-((pw - rw) - delta))  # d/dr_w of -log sig(r_w - delta), delta held fixed
-    np.testing.assert_allclose(jax.grad(total)(jnp.asarray(inp[0])), -want, rtol=1e-5, atol=1e-6)
+    halves = [preference_loss("bco_pair", as_pairs([x[k::2] for x in inp]), beta=BETA)[0]
+              for k in (0, 1)]  # fmt: skip
+    np.testing.assert_allclose(np.stack(halves, 1).reshape(-1), trl, rtol=1e-5)
 
 
 def test_discopop_tau():
