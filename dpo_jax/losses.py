@@ -229,6 +229,41 @@ def _logratios_P(lp: PairLogps) -> tuple[Array, Array]:
     return lp.policy_chosen - lp.reference_chosen, lp.policy_rejected - lp.reference_rejected
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The losses that read the policy/reference log-ratios through an f-divergence (TRL's list;
+# sft ignores it).
+F_DIVERGENCE_LOSSES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+
+
+def f_divergence_scores(lp: PairLogps, kind: str, alpha: float = 1.0) -> PairLogps:
+    """f-DPO (arXiv 2309.16240): each log-ratio a = log pi - log ref becomes f'(pi / ref),
+    returned as PairLogps whose policy fields hold the scores and whose reference is 0, so
+    every loss's margin becomes score_w - score_l. reverse_kl (DPO): a; forward_kl:
+    1 - e^-a; js_divergence: log 2 + log sig(a); alpha_divergence: (e^((alpha-1) a) - 1) /
+    (alpha - 1), the exponent capped at 80 (as TRL, so float32 stays finite), reverse_kl
+    when |alpha - 1| < 1e-6."""
+    if kind not in F_DIVERGENCES:
+        raise ValueError(f"unknown f-divergence {kind!r}; valid: {F_DIVERGENCES}")
+    a_w_P, a_l_P = _logratios_P(lp)
+    if kind == "forward_kl":
+        score = lambda a: 1.0 - jnp.exp(-a)  # noqa: E731
+    elif kind == "js_divergence":
+        score = lambda a: math.log(2.0) + log_sigmoid(a)  # noqa: E731
+    elif kind == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        score = lambda a: jnp.expm1(jnp.minimum((alpha - 1.0) * a, 80.0)) / (alpha - 1.0)  # noqa: E731
+    else:
+        score = lambda a: a  # noqa: E731
+    zeros_P = jnp.zeros_like(a_w_P)
+    return lp._replace(
+        policy_chosen=score(a_w_P),
+        policy_rejected=score(a_l_P),
+        reference_chosen=zeros_P,
+        reference_rejected=zeros_P,
+    )
+
+
 def _smoothed_logistic_P(x_P: Array, label_smoothing: float) -> Array:
     """-(1-e) log sig(x) - e log sig(-x): logistic loss with labels flipped with probability e."""
     return -(1.0 - label_smoothing) * log_sigmoid(x_P) - label_smoothing * log_sigmoid(-x_P)
@@ -438,9 +473,20 @@ def masked_mean(x_P: Array, mask_P: Array) -> Array:
     return jnp.sum(x_P.astype(_F32) * mask_P) / jnp.maximum(jnp.sum(mask_P), 1.0)
 
 
-def _prepare(lp: PairLogps, *, average: bool, reference_free: bool) -> PairLogps:
-    lp = lp.averaged() if average else lp
-    return lp.without_reference() if reference_free else lp
+def _prepare(
+    lp: PairLogps,
+    *,
+    average: bool,
+    reference_free: bool,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 1.0,
+) -> PairLogps:
+    """What a loss sees: reference-free, then the f-divergence's scores of the (summed)
+    log-ratios, then per-token averages (TRL's order: ipo averages the scores)."""
+    lp = lp.without_reference() if reference_free else lp
+    if f_divergence != "reverse_kl":
+        lp = f_divergence_scores(lp, f_divergence, f_alpha)
+    return lp.averaged() if average else lp
 
 
 def preference_loss(
@@ -456,6 +502,8 @@ def preference_loss(
     preference_loss_weight: float = 1.0,
     sft_loss_weight: float = 0.0,
     pair_mask: Array | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
     **hparams,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-pair loss_P and per-pair float32 metrics (zero on pairs where pair_mask is False).
@@ -466,8 +514,9 @@ def preference_loss(
     per token for every preference loss; AVERAGED_LOSSES always average, REFERENCE_FREE_LOSSES
     never use the reference. Rewards mean what TRL's names mean: beta times the summed
     log-ratios, averaged only with `preference_average_log_probs` or when every preference
-    loss is simpo / orpo, reference-free when all of them are. Extra hparams: bco_delta,
-    discopop_tau, simpo_gamma.
+    loss is simpo / orpo, reference-free when all of them are. `f_divergence`
+    (f_divergence_scores) changes what the F_DIVERGENCE_LOSSES see, not the rewards (as
+    TRL). Extra hparams: bco_delta, discopop_tau, simpo_gamma.
     Loss names and hparams are Python values (static under jit).
     """
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -485,6 +534,13 @@ def preference_loss(
     }
     if bad := sorted(set(hparams) - accepted):
         raise ValueError(f"unknown loss hyper-parameters {bad}; valid: {sorted(accepted)}")
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence {f_divergence!r}; valid: {F_DIVERGENCES}")
+    if f_divergence != "reverse_kl" and (off := sorted(set(names) - F_DIVERGENCE_LOSSES)):
+        raise ValueError(
+            f"f_divergence={f_divergence!r} is defined for {sorted(F_DIVERGENCE_LOSSES)}, "
+            f"not {off}; use reverse_kl with these losses"
+        )
 
     logps = PairLogps(*(jnp.asarray(x).astype(_F32) for x in logps))
     valid_P = _valid(pair_mask, logps.policy_chosen)
@@ -501,6 +557,8 @@ def preference_loss(
             logps,
             average=preference_average_log_probs or name in AVERAGED_LOSSES,
             reference_free=reference_free or name in REFERENCE_FREE_LOSSES,
+            f_divergence=f_divergence,
+            f_alpha=f_alpha_divergence_coef,
         )
         preference_P += weight * LOSSES[name](prepared, **hparams)
     preference_P *= preference_loss_weight

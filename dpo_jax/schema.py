@@ -83,7 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.beta = 0.1  # DPO temperature: larger = stay closer to the reference
     c.training.loss_type = "sigmoid"  # a name or "a,b" / a list; see dpo_jax.losses.LOSSES
     c.training.loss_weights = ""  # one per loss_type ("" = all 1.0)
-    c.training.label_smoothing = 0.0  # cDPO / robust / exo_pair
+    # cDPO (sigmoid) / robust / exo_pair / aot; TRL 1.16's sigmoid ignores it
+    c.training.label_smoothing = 0.0
     c.training.reference_free = False  # reference log-probs ≡ 0
     # Reference log-probs computed once before training (cached on disk) instead of a
     # reference forward in every step: 25% fewer FLOPs, no reference weights on device.
@@ -94,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (NeMo RL's); batch_tokens: the NLL of every chosen token of the optimizer step over
     # their count (TRL's), so long replies weigh more. Both exact under accumulation.
     c.training.sft_normalization = "pair"
+    # f-DPO: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence (with the coef)
+    c.training.f_divergence_type = "reverse_kl"
+    c.training.f_alpha_divergence_coef = 1.0
     c.training.preference_loss_weight = 1.0
     c.training.sft_loss_weight = 0.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
     c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})

@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from dpo_jax import hf, optim
+from dpo_jax import hf, losses, optim
 from dpo_jax.data import DataError, DataSettings
 from dpo_jax.data import cache as data_cache
 from dpo_jax.data.sources import parse_mapping, split_list
@@ -297,6 +297,22 @@ def loss_settings(config) -> LossConfig:
         "use 'pair' (each pair's NLL, averaged over pairs) or 'batch_tokens' (TRL's: the NLL "
         "of every chosen token of the step over their count)",
     )
+    divergence = str(_get(t, "f_divergence_type", "reverse_kl"))
+    _check(
+        divergence in losses.F_DIVERGENCES,
+        "training.f_divergence_type",
+        divergence,
+        f"use one of {', '.join(losses.F_DIVERGENCES)}",
+    )
+    if divergence != "reverse_kl":
+        off = sorted(set(as_tuple(t.loss_type, str) or ()) - losses.F_DIVERGENCE_LOSSES)
+        _check(
+            not off,
+            "training.f_divergence_type",
+            divergence,
+            f"defined for the losses {', '.join(sorted(losses.F_DIVERGENCE_LOSSES))}, not "
+            f"{', '.join(off)}; keep reverse_kl with those",
+        )
     return LossConfig(
         loss_type=as_tuple(t.loss_type, str),
         loss_weights=as_tuple(t.loss_weights, float),
@@ -308,6 +324,10 @@ def loss_settings(config) -> LossConfig:
         preference_loss_weight=float(t.preference_loss_weight),
         sft_loss_weight=float(t.sft_loss_weight),
         sft_normalization=normalization,
+        f_divergence=divergence,
+        f_alpha_divergence_coef=_number(
+            t, "f_alpha_divergence_coef", "training.f_alpha_divergence_coef", float, 1.0
+        ),
         hparams=tuple(sorted((k, float(v)) for k, v in t.loss_hparams.items())),
         logits_chunk_size=chunk,
     )

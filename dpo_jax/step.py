@@ -37,6 +37,8 @@ class LossConfig:
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     sft_normalization: str = "pair"  # pair | batch_tokens (see SFT_NORMALIZATIONS)
+    f_divergence: str = "reverse_kl"  # losses.F_DIVERGENCES (f-DPO)
+    f_alpha_divergence_coef: float = 1.0
     hparams: tuple[tuple[str, float], ...] = ()  # loss-specific: simpo_gamma, discopop_tau…
     logits_chunk_size: int = 4096  # vocabulary chunk of the log-prob; bounds logits memory
 
@@ -203,6 +205,8 @@ def _pair_losses(loss_config: LossConfig, pair_logps, pair_mask_P):
         preference_loss_weight=loss_config.preference_loss_weight,
         sft_loss_weight=loss_config.sft_loss_weight,
         pair_mask=pair_mask_P,
+        f_divergence=loss_config.f_divergence,
+        f_alpha_divergence_coef=loss_config.f_alpha_divergence_coef,
         **dict(loss_config.hparams),
     )
 

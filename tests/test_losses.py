@@ -559,3 +559,59 @@ def test_sequence_logps_padded_equals_packed():
     np.testing.assert_array_equal(pairs.policy_chosen, padded[0][0::2])
     np.testing.assert_array_equal(pairs.rejected_lengths, padded[1][1::2])
     np.testing.assert_array_equal(pairs.reference_rejected, 0.0)
+
+
+# f-divergences (f-DPO, TRL's f_divergence_type) ---------------------------------------------
+
+F_SCORES = {
+    "forward_kl": lambda a, alpha: 1 - np.exp(-a),
+    "js_divergence": lambda a, alpha: np.log(2) + _logsig(a),
+    "alpha_divergence": lambda a, alpha: (np.exp((alpha - 1) * a) - 1) / (alpha - 1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(F_SCORES))
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "hinge"])
+def test_f_divergence_losses_match_numpy(kind, name):
+    """Each log-ratio through f' (TRL's formulas), then the loss: ipo averages the scores
+    per token; the rewards stay beta times the log-ratios."""
+    inp = make_inputs(20)
+    pw, pl, rw, rl, lw, ll = (x.astype(np.float64) for x in inp)
+    s_w, s_l = (F_SCORES[kind](a, 0.5) for a in (pw - rw, pl - rl))
+    loss_B, m = preference_loss(
+        name, as_pairs(inp), beta=BETA, f_divergence=kind, f_alpha_divergence_coef=0.5
+    )
+    if name == "sigmoid":
+        want = -_logsig(BETA * (s_w - s_l))
+    elif name == "hinge":
+        want = np.maximum(0.0, 1 - BETA * (s_w - s_l))
+    else:
+        want = ((s_w / lw - s_l / ll) - 1 / (2 * BETA)) ** 2
+    np.testing.assert_allclose(loss_B, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["rewards/chosen"], BETA * (pw - rw), rtol=1e-5, atol=1e-6)
+
+
+def test_f_divergence_limits_gradient_and_errors():
+    inp = make_inputs(21)
+    dpo = preference_loss("sigmoid", as_pairs(inp), beta=BETA)[0]
+    for kind, alpha in (("reverse_kl", 0.5), ("alpha_divergence", 1.0)):  # both are DPO
+        loss_B = preference_loss(
+            "sigmoid", as_pairs(inp), beta=BETA, f_divergence=kind, f_alpha_divergence_coef=alpha
+        )[0]
+        # alpha = 1 subtracts the log-ratios in another order: an ulp of float32 apart.
+        np.testing.assert_allclose(loss_B, dpo, rtol=2e-7 if kind != "reverse_kl" else 0)
+
+    def total(p):
+        lp = as_pairs(inp)._replace(policy_chosen=p)
+        return preference_loss("sigmoid", lp, beta=BETA, f_divergence="js_divergence")[0].sum()
+
+    pw, pl, rw, rl = (x.astype(np.float64) for x in inp[:4])
+    s_l = np.log(2) + _logsig(pl - rl)
+    # d/dpw of -log sig(b (log 2 + log sig(a_w) - s_l)) = -b sig(-x) sig(-a_w)
+    x = BETA * (np.log(2) + _logsig(pw - rw) - s_l)
+    want = -BETA * _sig(-x) * _sig(-(pw - rw))
+    np.testing.assert_allclose(jax.grad(total)(jnp.asarray(inp[0])), want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="not \\['nca_pair'\\]"):
+        preference_loss("nca_pair", as_pairs(inp), beta=BETA, f_divergence="forward_kl")
+    with pytest.raises(ValueError, match="unknown f_divergence"):
+        preference_loss("sigmoid", as_pairs(inp), beta=BETA, f_divergence="kl")
