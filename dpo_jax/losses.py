@@ -40,6 +40,15 @@ def token_logps(logits_xV: Array, labels_x: Array) -> Array:
     return label_logit_x - jax.nn.logsumexp(logits_xV, axis=-1)
 
 
+class TokenStats(NamedTuple):
+    """Per-token statistics of softmax(logits) that the metrics and WPO read; [M] float32
+    each, no gradient (chunked_token_stats)."""
+
+    entropy: Array  # -sum_v p_v log p_v
+    top1: Array  # 1.0 where the label has the largest logit (TRL's mean_token_accuracy)
+    log_sum_sq_probs: Array  # log sum_v p_v^2 (WPO's aligned log-probs subtract it)
+
+
 def chunked_token_logps(
     hidden_MxD: Array,
     unembed_DxV: Array,
@@ -55,11 +64,32 @@ def chunked_token_logps(
     leading dims to N first. The matmuls run in the input dtype with fp32 accumulation; the
     backward recomputes one [M, C] chunk at a time and returns grads in the input dtypes.
     """
+    logps_M, mean_M, _ = chunked_token_stats(
+        hidden_MxD, unembed_DxV, labels_M, chunk_size=chunk_size, logit_softcap=logit_softcap
+    )
+    return logps_M, mean_M
+
+
+def chunked_token_stats(
+    hidden_MxD: Array,
+    unembed_DxV: Array,
+    labels_M: Array,
+    *,
+    chunk_size: int = 4096,
+    logit_softcap: float | None = None,
+) -> tuple[Array, Array, TokenStats]:
+    """chunked_token_logps's two outputs and the TokenStats, from the same pass over the
+    vocabulary (the statistics are running sums beside the logsumexp's; no gradient flows
+    through them)."""
     if hidden_MxD.ndim != 2 or unembed_DxV.ndim != 2 or labels_M.ndim != 1:
         raise ValueError("expected hidden [M, D], unembed [D, V], labels [M]; flatten leading dims")
     chunk = min(int(chunk_size), unembed_DxV.shape[1])
     softcap = None if logit_softcap is None else float(logit_softcap)
-    return _chunked_logps(hidden_MxD, unembed_DxV, labels_M.astype(jnp.int32), chunk, softcap)
+    logps_M, mean_M, entropy_M, top1_M, log_sum_sq_M = _chunked_logps(
+        hidden_MxD, unembed_DxV, labels_M.astype(jnp.int32), chunk, softcap
+    )
+    stats = TokenStats(*(lax.stop_gradient(x) for x in (entropy_M, top1_M, log_sum_sq_M)))
+    return logps_M, mean_M, stats
 
 
 def _chunk_logits(hidden_MxD, unembed_DxV, index, chunk, softcap):
@@ -86,33 +116,43 @@ def _chunked_fwd(hidden_MxD, unembed_DxV, labels_M, chunk, softcap):
     num_tokens, vocab = hidden_MxD.shape[0], unembed_DxV.shape[1]
 
     def step(carry, index):
-        max_M, sumexp_M, label_logit_M, logit_sum_M = carry
+        max_M, sumexp_M, label_logit_M, logit_sum_M, plogit_M, sumsq_M = carry
         _, _, logits_MxC, vocab_ids_C, fresh_C = _chunk_logits(
             hidden_MxD, unembed_DxV, index, chunk, softcap
         )
         masked_MxC = jnp.where(fresh_C[None, :], logits_MxC, -jnp.inf)
-        # Online logsumexp: rescale the running sum to the new running max.
+        # Online logsumexp: rescale the running sums to the new running max.
         new_max_M = jnp.maximum(max_M, masked_MxC.max(axis=-1))
-        sumexp_M = sumexp_M * jnp.exp(max_M - new_max_M) + jnp.exp(
-            masked_MxC - new_max_M[:, None]
-        ).sum(axis=-1)
+        rescale_M = jnp.exp(max_M - new_max_M)
+        exp_MxC = jnp.exp(masked_MxC - new_max_M[:, None])  # 0 on columns counted before
+        sumexp_M = sumexp_M * rescale_M + exp_MxC.sum(axis=-1)
+        # For the entropy (sum of e^(l-max) * l) and for sum p^2 (sum of e^(2(l-max))).
+        plogit_M = plogit_M * rescale_M + (exp_MxC * jnp.where(fresh_C, logits_MxC, 0.0)).sum(-1)
+        sumsq_M = sumsq_M * jnp.square(rescale_M) + jnp.square(exp_MxC).sum(axis=-1)
         is_label_MxC = (vocab_ids_C[None, :] == labels_M[:, None]) & fresh_C[None, :]
         label_logit_M += jnp.where(is_label_MxC, logits_MxC, 0.0).sum(axis=-1)
         logit_sum_M += jnp.where(fresh_C[None, :], logits_MxC, 0.0).sum(axis=-1)
-        return (new_max_M, sumexp_M, label_logit_M, logit_sum_M), None
+        return (new_max_M, sumexp_M, label_logit_M, logit_sum_M, plogit_M, sumsq_M), None
 
     zeros_M = jnp.zeros((num_tokens,), _F32)
-    init = (jnp.full((num_tokens,), -jnp.inf, _F32), zeros_M, zeros_M, zeros_M)
+    init = (jnp.full((num_tokens,), -jnp.inf, _F32), *(zeros_M,) * 5)
     num_chunks = -(-vocab // chunk)
-    (max_M, sumexp_M, label_logit_M, logit_sum_M), _ = lax.scan(step, init, jnp.arange(num_chunks))
+    (max_M, sumexp_M, label_logit_M, logit_sum_M, plogit_M, sumsq_M), _ = lax.scan(
+        step, init, jnp.arange(num_chunks)
+    )
     logsumexp_M = max_M + jnp.log(sumexp_M)
-    outputs = (label_logit_M - logsumexp_M, logit_sum_M / vocab)
+    entropy_M = logsumexp_M - plogit_M / sumexp_M  # -sum p (l - lse) = lse - sum p l
+    top1_M = (label_logit_M >= max_M).astype(_F32)
+    log_sum_sq_M = jnp.log(sumsq_M) - 2.0 * jnp.log(sumexp_M)  # log sum (e^(l-max) / s)^2
+    outputs = (label_logit_M - logsumexp_M, logit_sum_M / vocab, entropy_M, top1_M, log_sum_sq_M)
     return outputs, (hidden_MxD, unembed_DxV, labels_M, logsumexp_M)
 
 
 def _chunked_bwd(chunk, softcap, residuals, cotangents):
     hidden_MxD, unembed_DxV, labels_M, logsumexp_M = residuals
-    dlogps_M, dmean_M = (c.astype(_F32) for c in cotangents)
+    # The TokenStats outputs are metrics (stop-gradient in chunked_token_stats): their
+    # cotangents are dropped.
+    dlogps_M, dmean_M = (c.astype(_F32) for c in cotangents[:2])
     vocab = unembed_DxV.shape[1]
 
     def step(carry, index):
@@ -467,6 +507,18 @@ REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})
 # The combined loss -----------------------------------------------------------------------
 
 
+def wpo_weights(
+    aligned_w_P: Array, aligned_l_P: Array, chosen_lengths_P: Array, rejected_lengths_P: Array
+) -> Array:
+    """WPO (arXiv 2406.11827, eq. 2, as TRL's use_weighting): each pair's weight
+    exp(mean_t a_t(chosen)) * exp(mean_t a_t(rejected)), a_t = log p(y_t) - log sum_v p_v^2
+    (the token's log-prob aligned to the policy's own sampling distribution), from the
+    summed a_t of each completion (`aligned_*`); no gradient flows through it."""
+    mean_w_P = aligned_w_P / jnp.maximum(chosen_lengths_P, 1.0)
+    mean_l_P = aligned_l_P / jnp.maximum(rejected_lengths_P, 1.0)
+    return lax.stop_gradient(jnp.exp(mean_w_P + mean_l_P))
+
+
 def masked_mean(x_P: Array, mask_P: Array) -> Array:
     """sum(x * mask) / max(sum(mask), 1), in fp32."""
     mask_P = mask_P.astype(_F32)
@@ -502,6 +554,7 @@ def preference_loss(
     preference_loss_weight: float = 1.0,
     sft_loss_weight: float = 0.0,
     pair_mask: Array | None = None,
+    pair_weights: Array | None = None,
     f_divergence: str = "reverse_kl",
     f_alpha_divergence_coef: float = 1.0,
     **hparams,
@@ -516,7 +569,9 @@ def preference_loss(
     log-ratios, averaged only with `preference_average_log_probs` or when every preference
     loss is simpo / orpo, reference-free when all of them are. `f_divergence`
     (f_divergence_scores) changes what the F_DIVERGENCE_LOSSES see, not the rewards (as
-    TRL). Extra hparams: bco_delta, discopop_tau, simpo_gamma.
+    TRL). `pair_weights` (e.g. wpo_weights) multiply every term of each pair's loss (TRL's
+    use_weighting; TRL's SFT term is one batch value, which it scales by the weights' mean).
+    Extra hparams: bco_delta, discopop_tau, simpo_gamma.
     Loss names and hparams are Python values (static under jit).
     """
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -563,6 +618,9 @@ def preference_loss(
         preference_P += weight * LOSSES[name](prepared, **hparams)
     preference_P *= preference_loss_weight
     loss_P = preference_P + weighted_sft_P + sft_loss_weight * sft_P
+    if pair_weights is not None:
+        pair_weights = lax.stop_gradient(jnp.asarray(pair_weights, _F32))
+        preference_P, loss_P = preference_P * pair_weights, loss_P * pair_weights
 
     preference_names = [name for name in names if name != "sft"]
     rewarded = _prepare(

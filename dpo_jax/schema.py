@@ -98,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     # f-DPO: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence (with the coef)
     c.training.f_divergence_type = "reverse_kl"
     c.training.f_alpha_divergence_coef = 1.0
+    # WPO (TRL's use_weighting): each pair's loss times exp(mean aligned log-prob) of its
+    # two completions, reweighting off-policy pairs towards what the policy would sample
+    c.training.use_weighting = False
     c.training.preference_loss_weight = 1.0
     c.training.sft_loss_weight = 0.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
     c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})

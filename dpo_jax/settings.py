@@ -313,6 +313,15 @@ def loss_settings(config) -> LossConfig:
             f"defined for the losses {', '.join(sorted(losses.F_DIVERGENCE_LOSSES))}, not "
             f"{', '.join(off)}; keep reverse_kl with those",
         )
+    weighting = bool(_get(t, "use_weighting", False))
+    sorted_losses = sorted({"aot", "aot_unpaired"} & set(as_tuple(t.loss_type, str) or ()))
+    _check(
+        not (weighting and sorted_losses),
+        "training.use_weighting",
+        weighting,
+        f"WPO weights single pairs; {', '.join(sorted_losses)} compares the batch's sorted "
+        "ratios: set it False",
+    )
     return LossConfig(
         loss_type=as_tuple(t.loss_type, str),
         loss_weights=as_tuple(t.loss_weights, float),
@@ -325,6 +334,7 @@ def loss_settings(config) -> LossConfig:
         sft_loss_weight=float(t.sft_loss_weight),
         sft_normalization=normalization,
         f_divergence=divergence,
+        use_weighting=weighting,
         f_alpha_divergence_coef=_number(
             t, "f_alpha_divergence_coef", "training.f_alpha_divergence_coef", float, 1.0
         ),

@@ -39,6 +39,7 @@ class LossConfig:
     sft_normalization: str = "pair"  # pair | batch_tokens (see SFT_NORMALIZATIONS)
     f_divergence: str = "reverse_kl"  # losses.F_DIVERGENCES (f-DPO)
     f_alpha_divergence_coef: float = 1.0
+    use_weighting: bool = False  # WPO: each pair's loss times its two sequences' weights
     hparams: tuple[tuple[str, float], ...] = ()  # loss-specific: simpo_gamma, discopop_tau…
     logits_chunk_size: int = 4096  # vocabulary chunk of the log-prob; bounds logits memory
 
@@ -89,7 +90,9 @@ class TrainState:
 def sequence_stats(
     model_config: ModelConfig, params, batch: dict, chunk_size: int, padded_rows: bool = False
 ):
-    """Per-sequence summed completion log-probs, completion lengths and summed mean-logits.
+    """Per-sequence summed completion log-probs, completion lengths, summed mean-logits and
+    token-statistic sums {"entropy", "top1", "aligned"} over completion tokens ([S] each; see
+    losses.TokenStats; "aligned" sums WPO's log p - log sum p^2).
 
     The log-prob is computed from the final hidden states one vocabulary chunk at a time,
     so the [R·T, V] logits never exist in memory. `padded_rows` promises one sequence per
@@ -108,7 +111,7 @@ def sequence_stats(
     num_rows, row_length, width = hidden_RxTxD.shape
     hidden_MxD = hidden_RxTxD.reshape(num_rows * row_length, width)
     unembedding = model.unembedding(model_config, params)
-    logps_M, mean_logits_M = losses.chunked_token_logps(
+    logps_M, mean_logits_M, stats_M = losses.chunked_token_stats(
         hidden_MxD,
         unembedding,
         batch["labels"].reshape(-1),
@@ -117,14 +120,23 @@ def sequence_stats(
     )
     num_sequences = 2 * batch["pair_mask"].shape[-1]
     shape = (num_rows, row_length)
+
+    def per_sequence(values_M):
+        return losses.sequence_logps(
+            values_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
+        )[0]
+
     logps_S, lengths_S = losses.sequence_logps(
         logps_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
     )
-    logit_sums_S, _ = losses.sequence_logps(
-        mean_logits_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
-    )
+    logit_sums_S = per_sequence(mean_logits_M)
+    token_sums_S = {
+        "entropy": per_sequence(stats_M.entropy),
+        "top1": per_sequence(stats_M.top1),
+        "aligned": per_sequence(jax.lax.stop_gradient(logps_M) - stats_M.log_sum_sq_probs),
+    }
     if "extra_index" in batch:
-        extra_logps_P, extra_mean_logits_P = losses.chunked_token_logps(
+        extra_logps_P, extra_mean_logits_P, extra_stats_P = losses.chunked_token_stats(
             hidden_MxD[batch["extra_index"]],
             unembedding,
             batch["extra_label"],
@@ -132,10 +144,19 @@ def sequence_stats(
             logit_softcap=model_config.final_logit_softcap,
         )
         valid_P = batch["pair_mask"]
-        logps_S = logps_S.at[1::2].add(jnp.where(valid_P, extra_logps_P, 0.0))
+        add = lambda S, P: S.at[1::2].add(jnp.where(valid_P, P, 0.0))  # noqa: E731
+        logps_S = add(logps_S, extra_logps_P)
         lengths_S = lengths_S.at[1::2].add(valid_P.astype(lengths_S.dtype))
-        logit_sums_S = logit_sums_S.at[1::2].add(jnp.where(valid_P, extra_mean_logits_P, 0.0))
-    return logps_S, lengths_S, jax.lax.stop_gradient(logit_sums_S)
+        logit_sums_S = add(logit_sums_S, extra_mean_logits_P)
+        token_sums_S = {
+            "entropy": add(token_sums_S["entropy"], extra_stats_P.entropy),
+            "top1": add(token_sums_S["top1"], extra_stats_P.top1),
+            "aligned": add(
+                token_sums_S["aligned"],
+                jax.lax.stop_gradient(extra_logps_P) - extra_stats_P.log_sum_sq_probs,
+            ),
+        }
+    return logps_S, lengths_S, jax.lax.stop_gradient(logit_sums_S), token_sums_S
 
 
 def reference_logps(
@@ -152,9 +173,9 @@ def reference_logps(
         return None
     if "ref_logps" in batch:
         return batch["ref_logps"]
-    logps_S, _, _ = sequence_stats(
+    logps_S = sequence_stats(
         model_config, ref_params, batch, loss_config.logits_chunk_size, padded_rows
-    )
+    )[0]
     return jax.lax.stop_gradient(logps_S)
 
 
@@ -167,12 +188,18 @@ def pair_sums(
     padded_rows: bool = False,
 ):
     """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators})."""
-    policy_S, lengths_S, logit_sums_S = sequence_stats(
+    policy_S, lengths_S, logit_sums_S, token_sums_S = sequence_stats(
         model_config, params, batch, loss_config.logits_chunk_size, padded_rows
     )
     pair_logps = losses.PairLogps.from_sequences(policy_S, ref_logps_S, lengths_S)
     pair_mask_P = batch["pair_mask"]
-    loss_P, metrics = _pair_losses(loss_config, pair_logps, pair_mask_P)
+    weights_P = None
+    if loss_config.use_weighting:
+        aligned_S = token_sums_S["aligned"]
+        weights_P = losses.wpo_weights(
+            aligned_S[0::2], aligned_S[1::2], lengths_S[0::2], lengths_S[1::2]
+        )
+    loss_P, metrics = _pair_losses(loss_config, pair_logps, pair_mask_P, weights_P)
     valid_P = pair_mask_P.astype(jnp.float32)
     sums = {name: jnp.sum(value * valid_P) for name, value in metrics.items()}
     sums["loss"] = jnp.sum(jnp.where(pair_mask_P, loss_P, 0.0))
@@ -184,13 +211,19 @@ def pair_sums(
     # TRL's logits/* are means over completion tokens (and the vocabulary) of the logits.
     sums["logits/chosen"] = jnp.sum(logit_sums_S[0::2] * valid_P)
     sums["logits/rejected"] = jnp.sum(logit_sums_S[1::2] * valid_P)
+    # TRL's entropy (over all completion tokens) and mean_token_accuracy (chosen tokens):
+    # sums that finalize divides by token counts, not pairs.
+    sums["count/entropy_sum"] = jnp.sum(
+        (token_sums_S["entropy"][0::2] + token_sums_S["entropy"][1::2]) * valid_P
+    )
+    sums["count/top1_sum"] = jnp.sum(token_sums_S["top1"][0::2] * valid_P)
     sums["count/pairs"] = jnp.sum(valid_P)
     sums["count/chosen_tokens"] = jnp.sum(lengths_S[0::2] * valid_P)
     sums["count/rejected_tokens"] = jnp.sum(lengths_S[1::2] * valid_P)
     return sums["loss"], sums
 
 
-def _pair_losses(loss_config: LossConfig, pair_logps, pair_mask_P):
+def _pair_losses(loss_config: LossConfig, pair_logps, pair_mask_P, pair_weights_P=None):
     """(per-pair loss, {metric: per-pair value}) of the configured loss."""
     return losses.preference_loss(
         loss_config.loss_type,
@@ -205,6 +238,7 @@ def _pair_losses(loss_config: LossConfig, pair_logps, pair_mask_P):
         preference_loss_weight=loss_config.preference_loss_weight,
         sft_loss_weight=loss_config.sft_loss_weight,
         pair_mask=pair_mask_P,
+        pair_weights=pair_weights_P,
         f_divergence=loss_config.f_divergence,
         f_alpha_divergence_coef=loss_config.f_alpha_divergence_coef,
         **dict(loss_config.hparams),
@@ -219,7 +253,8 @@ def metric_names(loss_config: LossConfig) -> tuple[str, ...]:
     _, metrics = jax.eval_shape(
         lambda logps: _pair_losses(loss_config, logps, jnp.ones(1, bool)), one_pair
     )
-    return tuple(sorted({*metrics, "loss", "logits/chosen", "logits/rejected"}))
+    finalized = {"loss", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"}
+    return tuple(sorted({*metrics, *finalized}))
 
 
 def finalize(sums: dict) -> dict:
@@ -233,6 +268,11 @@ def finalize(sums: dict) -> dict:
     metrics["logits/chosen"] = sums["logits/chosen"] / jnp.maximum(sums["count/chosen_tokens"], 1.0)
     metrics["logits/rejected"] = sums["logits/rejected"] / jnp.maximum(
         sums["count/rejected_tokens"], 1.0
+    )
+    tokens = sums["count/chosen_tokens"] + sums["count/rejected_tokens"]
+    metrics["entropy"] = sums["count/entropy_sum"] / jnp.maximum(tokens, 1.0)
+    metrics["mean_token_accuracy"] = sums["count/top1_sum"] / jnp.maximum(
+        sums["count/chosen_tokens"], 1.0
     )
     metrics["pairs"] = sums["count/pairs"]
     return metrics

@@ -349,6 +349,7 @@ def test_bad_config_is_one_line_exit_2(override, fragment, small_train, small_va
         ("training.f_divergence_type", "kl", "use one of reverse_kl"),
         ("training.f_divergence_type", "forward_kl", "not nca_pair; keep reverse_kl"),
         ("data.packed_rows", 1, "at least 2 rows"),
+        ("training.use_weighting", True, "aot compares the batch's sorted ratios"),
     ],
 )
 def test_every_out_of_range_value_names_its_key(key, value, fragment):
@@ -358,6 +359,8 @@ def test_every_out_of_range_value_names_its_key(key, value, fragment):
     values["data"]["packing"] = key in ("data.max_segments_per_row", "data.packed_rows")
     if value == "forward_kl":
         values["training"]["loss_type"] = "nca_pair"
+    if key == "training.use_weighting":
+        values["training"]["loss_type"] = "aot"
     with pytest.raises(settings.ConfigError, match=f"config {key}=") as error:
         settings.from_config(ml_collections.ConfigDict(values))
     assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)

@@ -12,10 +12,12 @@ from dpo_jax.losses import (
     LOSSES,
     PairLogps,
     chunked_token_logps,
+    chunked_token_stats,
     masked_mean,
     preference_loss,
     sequence_logps,
     token_logps,
+    wpo_weights,
 )
 
 LN2 = math.log(2.0)
@@ -615,3 +617,47 @@ def test_f_divergence_limits_gradient_and_errors():
         preference_loss("nca_pair", as_pairs(inp), beta=BETA, f_divergence="forward_kl")
     with pytest.raises(ValueError, match="unknown f_divergence"):
         preference_loss("sigmoid", as_pairs(inp), beta=BETA, f_divergence="kl")
+
+
+# Token statistics (TRL's entropy and mean_token_accuracy, WPO) ------------------------------
+
+
+@pytest.mark.parametrize("chunk_size,softcap", [(8, None), (5, 2.0), (29, None), (1, None)])
+def test_chunked_token_stats_match_numpy_float64(chunk_size, softcap):
+    """Entropy, top-1 and log sum p^2 of softmax(logits) from the chunked pass, whatever the
+    chunking (the last chunk slides back and overlaps), against float64 NumPy."""
+    hidden, unembed, labels, _ = _chunk_problem(24, v=29)
+    logits = np.asarray(hidden, np.float64) @ np.asarray(unembed, np.float64)
+    if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
+    labels = np.asarray(labels).copy()
+    labels[:3] = logits[:3].argmax(-1)  # some tokens the model gets right
+    stats = jax.jit(
+        functools.partial(chunked_token_stats, chunk_size=chunk_size, logit_softcap=softcap)
+    )(hidden, unembed, jnp.asarray(labels))[2]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(stats.entropy, -(p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.log_sum_sq_probs, np.log((p * p).sum(-1)), rtol=1e-5)
+    np.testing.assert_array_equal(stats.top1, (logits.argmax(-1) == labels).astype(np.float32))
+    assert stats.top1[:3].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_wpo_weights_scale_every_term_without_gradient():
+    inp = make_inputs(25)
+    pw, pl, rw, rl, lw, ll = (x.astype(np.float64) for x in inp)
+    rng = np.random.default_rng(25)
+    aligned_w, aligned_l = -rng.uniform(0.1, 2.0, 8) * lw, -rng.uniform(0.1, 2.0, 8) * ll
+    weights = wpo_weights(*(jnp.asarray(x, jnp.float32) for x in (aligned_w, aligned_l, lw, ll)))
+    np.testing.assert_allclose(weights, np.exp(aligned_w / lw + aligned_l / ll), rtol=1e-5)
+    kw = dict(beta=BETA, sft_loss_weight=0.5)
+    loss_B, m = preference_loss("sigmoid", as_pairs(inp), pair_weights=weights, **kw)
+    want = (np_loss("sigmoid", inp) + 0.5 * np_loss("sft", inp)) * np.asarray(weights)
+    np.testing.assert_allclose(loss_B, want, rtol=1e-5)
+    np.testing.assert_allclose(m["preference_loss"], np_loss("sigmoid", inp) * weights, rtol=1e-5)
+
+    def total(p, w):
+        lp = as_pairs(inp)._replace(policy_chosen=p)
+        return preference_loss("sigmoid", lp, beta=BETA, pair_weights=w)[0].sum()
+
+    assert np.all(jax.grad(total, argnums=1)(jnp.asarray(inp[0]), weights) == 0)
