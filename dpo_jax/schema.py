@@ -103,7 +103,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.use_weighting = False
     c.training.preference_loss_weight = 1.0
     c.training.sft_loss_weight = 0.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
-    c.training.loss_hparams = ml_collections.ConfigDict({"simpo_gamma": 0.5, "discopop_tau": 0.05})
+    # simpo's margin, discopop's temperature, bco_pair's fixed delta (TRL 1.16: 0)
+    c.training.loss_hparams = ml_collections.ConfigDict(
+        {"simpo_gamma": 0.5, "discopop_tau": 0.05, "bco_delta": 0.0}
+    )
     c.training.gradient_checkpointing = True  # remat the layers (model.remat_policy)
     # A step whose loss or gradients are not finite never updates the weights. stop: end the
     # run there (exit 1, the last checkpoint kept); skip: count it and go on.

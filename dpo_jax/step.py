@@ -204,10 +204,14 @@ def pair_sums(
     sums = {name: jnp.sum(value * valid_P) for name, value in metrics.items()}
     sums["loss"] = jnp.sum(jnp.where(pair_mask_P, loss_P, 0.0))
     if loss_config.token_sft:
-        # sft_loss is each pair's summed NLL here; "loss" keeps the preference part, and the
-        # SFT part waits for the step's token count (finalize, and train_step's objective).
-        sums["loss"] = sums["preference_loss"]
-        sums["count/sft_weighted_nll"] = loss_config.sft_weight * sums["sft_loss"]
+        # loss_P holds each pair's summed SFT NLL here (the metrics carry no gradient, so
+        # both parts come from loss_P and the log-probs): "loss" keeps the preference part,
+        # and the SFT part waits for the step's token count (finalize, train_step).
+        sft_nll_P = jnp.where(pair_mask_P, -pair_logps.policy_chosen, 0.0)
+        weighted_P = loss_config.sft_weight * sft_nll_P
+        in_loss_P = weighted_P if weights_P is None else weights_P * weighted_P
+        sums["loss"] = sums["loss"] - jnp.sum(in_loss_P)
+        sums["count/sft_weighted_nll"] = jnp.sum(weighted_P)
     # TRL's logits/* are means over completion tokens (and the vocabulary) of the logits.
     sums["logits/chosen"] = jnp.sum(logit_sums_S[0::2] * valid_P)
     sums["logits/rejected"] = jnp.sum(logit_sums_S[1::2] * valid_P)

@@ -296,8 +296,9 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             )
 
     def flush(pending):
-        step, metrics, totals, started = pending
+        step, metrics, totals, started, tokens_seen = pending
         metrics = jax.device_get(metrics)  # "pairs": the logged step's own pair count
+        metrics["num_tokens"] = float(tokens_seen)  # TRL's: sequence tokens trained so far
         metrics |= window.rates(totals, started)
         if (peak_gb := memory.device_peak_gb()) is not None:
             metrics["memory/peak_gb"] = peak_gb
@@ -317,7 +318,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                     flush(pending)
                     pending = None
                 if step % loop.log_every == 0 or step == total_steps - 1:
-                    pending = (step, metrics, *window.take())
+                    pending = (step, metrics, *window.take(), position["tokens_seen"])
                 faults.pause_at(step, lambda: ckpt.stop_signal is not None)
                 step += 1
                 done = step == total_steps

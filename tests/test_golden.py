@@ -132,6 +132,9 @@ def test_batch_token_sft_is_trls_and_exact_under_accumulation():
     np.testing.assert_allclose(first["sft_loss"], expected, rtol=2e-5)
     np.testing.assert_allclose(first["loss"], first["preference_loss"] + expected, rtol=2e-5)
     assert abs(first["sft_loss"] - GOLDEN[0]["sft_loss"]) > 1e-3  # not the per-pair mean
+    # The gradient flows through both parts: near pair normalisation's, not the same.
+    assert 0.5 < first["grad_norm"] < 2 and abs(first["grad_norm"] - GOLDEN[0]["grad_norm"]) > 1e-4
+    assert one[1]["loss"] < first["loss"]  # the update lowered it
     for index in (0, 1):
         for key in ("loss", "sft_loss", "grad_norm", "logps/chosen", "rewards/margins"):
             if key in one[index]:

@@ -10,7 +10,7 @@ those leave pair slots and room, pairs of the next LOOK_AHEAD batches of the ord
 step holds the same pairs as padded whenever they fit, nearly every step is full, and a
 pair that does not fit waits one step. Either way the pairs beyond the epoch's last full
 batch are left to later epochs' shuffles, and the shapes never change. The position is
-{"epoch", "index", "fingerprint"} (JSON, saved with checkpoints).
+{"epoch", "index", "fingerprint", "tokens_seen"} (JSON, saved with checkpoints).
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ class PairIterator:
         self.reference_logps: np.ndarray | None = None
         self.epoch = 0
         self.index = 0  # steps already taken from this epoch
+        self.tokens_seen = 0  # sequence tokens of every step taken (TRL's num_tokens)
         self._plan: tuple[int, list] | None = None  # (epoch, packed steps) of the last epoch
         self._steps: dict[int, int] = {}  # packed steps per epoch
 
@@ -275,7 +276,12 @@ class PairIterator:
         return h.hexdigest()[:16]
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "fingerprint": self.fingerprint()}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "fingerprint": self.fingerprint(),
+            "tokens_seen": self.tokens_seen,
+        }
 
     def restore(self, state: dict) -> None:
         saved = state.get("fingerprint")
@@ -286,6 +292,20 @@ class PairIterator:
                 "restore the original settings or start in a new --workdir"
             )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if "tokens_seen" in state:
+            self.tokens_seen = int(state["tokens_seen"])
+        else:  # a position saved before the count existed: replay the steps' lengths
+            self.tokens_seen = sum(
+                self.step_tokens(e, k)
+                for e in range(self.epoch + 1)
+                for k in range(self.index if e == self.epoch else self.steps_in_epoch(e))
+            )
+
+    def step_tokens(self, epoch: int, index: int) -> int:
+        """Tokens of a step's sequences, each pair's prompt counted with both replies (what
+        TRL's num_tokens counts, whatever the layout)."""
+        step = [i for micro in self.step_pairs(epoch, index) for i in micro]
+        return int(self.chosen_lengths[step].sum() + self.rejected_lengths[step].sum())
 
     # -------------------------------------------------------------------------- batches
 
@@ -346,6 +366,7 @@ class PairIterator:
         while self.index >= self.steps_in_epoch(self.epoch):
             self.epoch, self.index = self.epoch + 1, 0
         batch = self.build_step(self.epoch, self.index)
+        self.tokens_seen += self.step_tokens(self.epoch, self.index)
         self.index += 1
         return batch
 
