@@ -77,7 +77,7 @@ def test_step_best_resolves_for_export(ranked_run, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"checkpoint.keep_best": "eval/los"}, "one of eval/logits/chosen"),
+        ({"checkpoint.keep_best": "eval/los"}, "one of eval/entropy, eval/logits/chosen"),
         ({"checkpoint.keep_best": "loss"}, "one of eval/"),  # a train row: not evaluated
         ({"checkpoint.keep_best_mode": "lowest"}, "auto, min or max"),
         ({"checkpoint.keep_best_count": 0}, "at least 1"),
