@@ -213,6 +213,40 @@ def sequence_logps(
     return logps_S, lengths_S
 
 
+def desensitized_logps(
+    token_logps_RxT: Array,
+    loss_mask_RxT: Array,
+    sequence_ids_RxT: Array,
+    lengths_S: Array,
+    alpha: float,
+    offsets_S: Array | None = None,
+) -> Array:
+    """LD-DPO (arXiv 2409.06411, TRL's ld_alpha): per sequence, the summed log-probs of its
+    first min(len_w, len_l) completion tokens (both replies of pair p = sequences 2p, 2p+1)
+    plus `alpha` times those of the rest, so a longer reply's tail weighs alpha. `lengths_S`
+    are the completions' full lengths; `offsets_S`: completion tokens of a sequence that lie
+    before its rows' own (the prefix-shared rejected reply's first token, computed apart;
+    never in the tail, since the shared part is at least one token)."""
+    num_sequences = lengths_S.shape[0]
+    mask_RxT = loss_mask_RxT.astype(bool)
+    ids_M = sequence_ids_RxT.reshape(-1)
+    mask_M = mask_RxT.reshape(-1)
+    # 1-based position of each completion token in its sequence: a running count per row,
+    # less the count before the sequence's first token (sequences never span rows).
+    count_M = jnp.cumsum(mask_RxT.astype(jnp.int32), axis=-1).reshape(-1)
+    first_S = jax.ops.segment_min(
+        jnp.where(mask_M, count_M, jnp.iinfo(jnp.int32).max), ids_M, num_segments=num_sequences
+    )
+    position_M = count_M - first_S[ids_M] + 1
+    if offsets_S is not None:
+        position_M = position_M + offsets_S.astype(jnp.int32)[ids_M]
+    shared_P = jnp.minimum(lengths_S[0::2], lengths_S[1::2])
+    shared_S = jnp.repeat(shared_P, 2)
+    weight_M = jnp.where(position_M > shared_S[ids_M], alpha, 1.0)
+    values_M = jnp.where(mask_M, token_logps_RxT.astype(_F32).reshape(-1) * weight_M, 0.0)
+    return jax.ops.segment_sum(values_M, ids_M, num_segments=num_sequences)
+
+
 # Pair log-probs --------------------------------------------------------------------------
 
 

@@ -74,12 +74,15 @@ def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
     return digest.hexdigest()[:32]
 
 
-def table_key(weights: str, model_config, pairs: Sequence[TokenizedPair]) -> str:
+def table_key(
+    weights: str, model_config, pairs: Sequence[TokenizedPair], ld_alpha: float = 1.0
+) -> str:
     # Remat changes memory, not values; everything else in the model config may change them.
     numeric = dataclasses.replace(model_config, remat_policy="none")
-    return data_cache.cache_key(
-        "reference_logps", VERSION, weights, repr(numeric), pairs_fingerprint(pairs)
-    )
+    parts = ["reference_logps", VERSION, weights, repr(numeric), pairs_fingerprint(pairs)]
+    if ld_alpha != 1.0:  # LD-DPO's log-probs (plain ones keep their earlier keys)
+        parts.append(f"ld_alpha={ld_alpha!r}")
+    return data_cache.cache_key(*parts)
 
 
 def load_table(cache_dir: str, key: str, num_pairs: int) -> np.ndarray | None:
@@ -144,11 +147,12 @@ def precompute_tables(
     mesh,
     cache_dir: str,
     log: Callable[[str], None] = print,
+    ld_alpha: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """One table per named data set: loaded from `cache_dir`, else computed and saved."""
     tables = {}
     for name, pairs in named_pairs.items():
-        key = table_key(weights_fingerprint, model_config, pairs)
+        key = table_key(weights_fingerprint, model_config, pairs, ld_alpha)
         table = load_table(cache_dir, key, len(pairs))
         if all_processes_agree(table is not None):
             log(f"reference log-probs of {name}: {len(pairs)} pairs loaded from {cache_dir}")
@@ -193,6 +197,7 @@ def precompute(
     batch_size: int,
     mesh,
     cache_dir: str,
+    ld_alpha: float = 1.0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Reference log-probs of the training pairs and of every eval set (by name; "" = the
     validation file) from `params` (the initial policy, which is the reference);
@@ -213,6 +218,7 @@ def precompute(
         mesh=mesh,
         cache_dir=cache_dir,
         log=lambda line: print(line, flush=True) if jax.process_index() == 0 else None,
+        ld_alpha=ld_alpha,
     )
     train_table = tables.pop("training data")
     return train_table, dict(zip(eval_sets, tables.values(), strict=True))

@@ -101,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
     # WPO (TRL's use_weighting): each pair's loss times exp(mean aligned log-prob) of its
     # two completions, reweighting off-policy pairs towards what the policy would sample
     c.training.use_weighting = False
+    # LD-DPO (TRL's ld_alpha): log-probs of the part of the longer reply beyond the shorter
+    # one's length count this much (1.0 = plain DPO; the paper uses ~0.3-0.7)
+    c.training.ld_alpha = 1.0
     c.training.preference_loss_weight = 1.0
     c.training.sft_loss_weight = 0.0  # + NLL of the chosen reply (RPO): keeps its likelihood up
     # simpo's margin, discopop's temperature, bco_pair's fixed delta (TRL 1.16: 0)

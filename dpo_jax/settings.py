@@ -322,6 +322,8 @@ def loss_settings(config) -> LossConfig:
         f"WPO weights single pairs; {', '.join(sorted_losses)} compares the batch's sorted "
         "ratios: set it False",
     )
+    ld_alpha = _number(t, "ld_alpha", "training.ld_alpha", float, 1.0)
+    _check(0.0 <= ld_alpha <= 1.0, "training.ld_alpha", ld_alpha, "a weight in [0, 1] (1 = off)")
     return LossConfig(
         loss_type=as_tuple(t.loss_type, str),
         loss_weights=as_tuple(t.loss_weights, float),
@@ -335,6 +337,7 @@ def loss_settings(config) -> LossConfig:
         sft_normalization=normalization,
         f_divergence=divergence,
         use_weighting=weighting,
+        ld_alpha=ld_alpha,
         f_alpha_divergence_coef=_number(
             t, "f_alpha_divergence_coef", "training.f_alpha_divergence_coef", float, 1.0
         ),

@@ -40,6 +40,7 @@ class LossConfig:
     f_divergence: str = "reverse_kl"  # losses.F_DIVERGENCES (f-DPO)
     f_alpha_divergence_coef: float = 1.0
     use_weighting: bool = False  # WPO: each pair's loss times its two sequences' weights
+    ld_alpha: float = 1.0  # LD-DPO: weight of the longer reply's tail (1 = plain DPO)
     hparams: tuple[tuple[str, float], ...] = ()  # loss-specific: simpo_gamma, discopop_tau…
     logits_chunk_size: int = 4096  # vocabulary chunk of the log-prob; bounds logits memory
 
@@ -88,11 +89,17 @@ class TrainState:
 
 
 def sequence_stats(
-    model_config: ModelConfig, params, batch: dict, chunk_size: int, padded_rows: bool = False
+    model_config: ModelConfig,
+    params,
+    batch: dict,
+    chunk_size: int,
+    padded_rows: bool = False,
+    ld_alpha: float = 1.0,
 ):
     """Per-sequence summed completion log-probs, completion lengths, summed mean-logits and
     token-statistic sums {"entropy", "top1", "aligned"} over completion tokens ([S] each; see
-    losses.TokenStats; "aligned" sums WPO's log p - log sum p^2).
+    losses.TokenStats; "aligned" sums WPO's log p - log sum p^2). With `ld_alpha` < 1 the
+    log-probs are LD-DPO's (losses.desensitized_logps).
 
     The log-prob is computed from the final hidden states one vocabulary chunk at a time,
     so the [R·T, V] logits never exist in memory. `padded_rows` promises one sequence per
@@ -156,6 +163,21 @@ def sequence_stats(
                 jax.lax.stop_gradient(extra_logps_P) - extra_stats_P.log_sum_sq_probs,
             ),
         }
+    if ld_alpha != 1.0:
+        offsets_S = None
+        if "extra_index" in batch:  # the rejected reply's first token is not in its rows
+            offsets_S = jnp.zeros_like(lengths_S).at[1::2].set(1.0)
+        ld_logps_S = losses.desensitized_logps(
+            logps_M.reshape(shape),
+            batch["loss_mask"],
+            batch["sequence_ids"],
+            lengths_S,
+            ld_alpha,
+            offsets_S,
+        )
+        if "extra_index" in batch:
+            ld_logps_S = ld_logps_S.at[1::2].add(jnp.where(valid_P, extra_logps_P, 0.0))
+        logps_S = ld_logps_S
     return logps_S, lengths_S, jax.lax.stop_gradient(logit_sums_S), token_sums_S
 
 
@@ -174,7 +196,12 @@ def reference_logps(
     if "ref_logps" in batch:
         return batch["ref_logps"]
     logps_S = sequence_stats(
-        model_config, ref_params, batch, loss_config.logits_chunk_size, padded_rows
+        model_config,
+        ref_params,
+        batch,
+        loss_config.logits_chunk_size,
+        padded_rows,
+        loss_config.ld_alpha,
     )[0]
     return jax.lax.stop_gradient(logps_S)
 
@@ -189,7 +216,12 @@ def pair_sums(
 ):
     """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators})."""
     policy_S, lengths_S, logit_sums_S, token_sums_S = sequence_stats(
-        model_config, params, batch, loss_config.logits_chunk_size, padded_rows
+        model_config,
+        params,
+        batch,
+        loss_config.logits_chunk_size,
+        padded_rows,
+        loss_config.ld_alpha,
     )
     pair_logps = losses.PairLogps.from_sequences(policy_S, ref_logps_S, lengths_S)
     pair_mask_P = batch["pair_mask"]
@@ -412,12 +444,13 @@ def jit_eval_sums(model_config: ModelConfig, loss_config: LossConfig):
     )
 
 
-def jit_reference_logps(model_config: ModelConfig, chunk_size: int, mesh):
-    """(weights, placed eval batch) → per-sequence log-probs, replicated. The weights are an
-    argument, not a closure: closed-over arrays become constants."""
+def jit_reference_logps(model_config: ModelConfig, chunk_size: int, mesh, ld_alpha: float = 1.0):
+    """(weights, placed eval batch) → per-sequence log-probs (LD-DPO's with `ld_alpha` < 1),
+    replicated. The weights are an argument, not a closure: closed-over arrays become
+    constants."""
     return jax.jit(
         lambda weights, batch: sequence_stats(
-            model_config, weights, batch, chunk_size, padded_rows=True
+            model_config, weights, batch, chunk_size, padded_rows=True, ld_alpha=ld_alpha
         )[0],
         out_shardings=sharding.replicated(mesh),
     )

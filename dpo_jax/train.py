@@ -174,7 +174,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
     )
     if s.precompute_reference:
         train_table, eval_reference = reference.precompute(
-            jit_reference_logps(model_config, s.loss.logits_chunk_size, mesh),
+            jit_reference_logps(model_config, s.loss.logits_chunk_size, mesh, s.loss.ld_alpha),
             train_state.params,
             iterator.pairs,
             eval_sets,
@@ -183,6 +183,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             batch_size=s.batch.eval_batch_size,
             mesh=mesh,
             cache_dir=reference.cache_dir_for(s.data.cache_dir, workdir),
+            ld_alpha=s.loss.ld_alpha,
         )
         iterator.attach_reference(train_table)
         if sampler is not None:  # the reference's replies, while its weights are at hand

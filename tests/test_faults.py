@@ -350,6 +350,7 @@ def test_bad_config_is_one_line_exit_2(override, fragment, small_train, small_va
         ("training.f_divergence_type", "forward_kl", "not nca_pair; keep reverse_kl"),
         ("data.packed_rows", 1, "at least 2 rows"),
         ("training.use_weighting", True, "aot compares the batch's sorted ratios"),
+        ("training.ld_alpha", 1.5, "a weight in [0, 1]"),
     ],
 )
 def test_every_out_of_range_value_names_its_key(key, value, fragment):

@@ -13,6 +13,7 @@ from dpo_jax.losses import (
     PairLogps,
     chunked_token_logps,
     chunked_token_stats,
+    desensitized_logps,
     masked_mean,
     preference_loss,
     sequence_logps,
@@ -661,3 +662,62 @@ def test_wpo_weights_scale_every_term_without_gradient():
         return preference_loss("sigmoid", lp, beta=BETA, pair_weights=w)[0].sum()
 
     assert np.all(jax.grad(total, argnums=1)(jnp.asarray(inp[0]), weights) == 0)
+
+
+# LD-DPO (TRL's ld_alpha) --------------------------------------------------------------------
+
+
+def _np_desensitized(token_logps, loss_mask, sequence_ids, lengths, alpha, offsets=None):
+    """Per sequence: tokens in completion order, the first min(len_w, len_l) at weight 1."""
+    num = len(lengths)
+    out = np.zeros(num)
+    seen = np.zeros(num, int) if offsets is None else np.asarray(offsets, int).copy()
+    flat = (token_logps.ravel(), loss_mask.ravel(), sequence_ids.ravel())
+    for value, mask, s in zip(*flat, strict=True):
+        if not mask:
+            continue
+        seen[s] += 1
+        shared = min(lengths[s - s % 2], lengths[s - s % 2 + 1])
+        out[s] += value * (1.0 if seen[s] <= shared else alpha)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_offsets"])
+def test_desensitized_logps_match_numpy(layout):
+    """Padded rows (one sequence each) and packed rows (several, positions restart), and an
+    offset for a first completion token held apart (prefix sharing's rejected reply)."""
+    rng = np.random.default_rng(26)
+    lengths = np.array([5, 3, 2, 6])  # pair 0: chosen longer; pair 1: rejected longer
+    if layout == "padded":
+        rows = [(s, 2, n) for s, n in enumerate(lengths)]  # (sequence, prompt, completion)
+        shape = (4, 10)
+    else:
+        rows = [(0, 2, 5), (1, 1, 3), (2, 3, 2), (3, 2, 6)]
+        shape = (2, 20)
+    mask = np.zeros(shape, bool)
+    ids = np.zeros(shape, np.int32)
+    fill = [0] * shape[0]
+    for k, (s, prompt, n) in enumerate(rows):
+        row = k if layout == "padded" else k // 2
+        start = fill[row]
+        ids[row, start : start + prompt + n] = s
+        mask[row, start + prompt - 1 : start + prompt - 1 + n] = True
+        fill[row] = start + prompt + n
+    logps = -rng.uniform(0.1, 3.0, shape).astype(np.float32)
+    offsets = np.array([0, 1, 0, 1]) if layout == "shared_offsets" else None
+    full = lengths + (0 if offsets is None else offsets)
+    got = desensitized_logps(
+        jnp.asarray(logps),
+        jnp.asarray(mask),
+        jnp.asarray(ids),
+        jnp.asarray(full, jnp.float32),
+        0.3,
+        None if offsets is None else jnp.asarray(offsets, jnp.float32),
+    )
+    want = _np_desensitized(logps.astype(np.float64), mask, ids, full, 0.3, offsets)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plain = desensitized_logps(
+        jnp.asarray(logps), jnp.asarray(mask), jnp.asarray(ids), jnp.asarray(full, jnp.float32), 1.0
+    )
+    np.testing.assert_allclose(plain, sequence_logps(logps, mask, ids, 4)[0], rtol=1e-6)
+    assert not np.allclose(got, plain)  # the longer replies' tails were down-weighted

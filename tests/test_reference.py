@@ -32,6 +32,20 @@ def test_params_fingerprint_is_exact_and_mesh_independent():
     assert reference.params_fingerprint(swapped, one) != reference.params_fingerprint(params, one)
 
 
+def test_ld_dpo_tables_have_their_own_cache_key():
+    """LD-DPO's reference log-probs differ from plain ones: a table of one is never loaded
+    for the other; plain tables keep their earlier keys."""
+    from conftest import load_config, model_config_of
+
+    from dpo_jax.data import TokenizedPair
+
+    pair = TokenizedPair(*(np.arange(n, dtype=np.int32) for n in (3, 2, 4)), "x:1")
+    model_config = model_config_of(load_config("tiny"))
+    plain = reference.table_key("w", model_config, [pair])
+    assert reference.table_key("w", model_config, [pair], ld_alpha=1.0) == plain
+    assert reference.table_key("w", model_config, [pair], ld_alpha=0.5) != plain
+
+
 def test_reference_columns_follow_the_pair_slots():
     table = np.arange(20, dtype=np.float32).reshape(10, 2)
     columns = reference_columns(table, [[3, 0], [9]], num_pairs=3)

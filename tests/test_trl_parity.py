@@ -49,6 +49,7 @@ CASES = {
     },
     "hinge": {"training.loss_type": "hinge"},
     "apo_zero": {"training.loss_type": "apo_zero"},
+    "sigmoid_ld": {"training.loss_type": "sigmoid", "training.ld_alpha": 0.5},
 }
 # TRL's metric names that we log under the same name.
 METRICS = (
@@ -144,6 +145,7 @@ def trl_run(pairs_file, case, tmp_path) -> list[dict]:
         beta=loss.beta,
         loss_type=list(loss.loss_type),
         loss_weights=list(loss.loss_weights) if loss.loss_weights else None,
+        ld_alpha=None if loss.ld_alpha == 1.0 else loss.ld_alpha,
         max_length=None,  # our tokens are truncated already
         train_sampling_strategy="sequential",
         logging_steps=1,
