@@ -53,6 +53,16 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def last_step_at_reference(schedule: optax.Schedule, total_steps: int) -> int:
+    """The last step whose forward still sees the initial weights: every step before it had
+    learning rate 0 (warmup's first step does), so no update moved them. total_steps when
+    no step's rate is above 0."""
+    for step in range(total_steps):
+        if float(schedule(step)) > 0.0:
+            return step
+    return total_steps
+
+
 def decay_mask(params):
     """Weight decay on matrices only: norm scales and biases are left alone. Decided by
     the parameter's name, not its rank, because scanned layers add a leading axis."""

@@ -213,8 +213,14 @@ def pair_sums(
     ref_logps_S,
     batch,
     padded_rows: bool = False,
+    at_reference=None,
 ):
-    """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators})."""
+    """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators}).
+
+    `at_reference` (a traced bool): the policy still is the reference, so the reference
+    log-probs are taken to be the policy's own. The reference forward (or table) is a
+    different program that rounds an ulp apart; this makes the rewards exactly 0 there, as
+    TRL reports them, instead of rounding noise counted as wins or losses."""
     policy_S, lengths_S, logit_sums_S, token_sums_S = sequence_stats(
         model_config,
         params,
@@ -223,6 +229,8 @@ def pair_sums(
         padded_rows,
         loss_config.ld_alpha,
     )
+    if at_reference is not None and ref_logps_S is not None:
+        ref_logps_S = jnp.where(at_reference, jax.lax.stop_gradient(policy_S), ref_logps_S)
     pair_logps = losses.PairLogps.from_sequences(policy_S, ref_logps_S, lengths_S)
     pair_mask_P = batch["pair_mask"]
     weights_P = None
@@ -325,9 +333,12 @@ def train_step(
     schedule: optax.Schedule,
     padded_rows: bool = False,
     skip_nonfinite: bool = False,
+    last_step_at_reference: int = -1,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over A micro-batches (leading axis of every batch array);
-    `padded_rows` when the batches are padded, one sequence per row (not packed).
+    `padded_rows` when the batches are padded, one sequence per row (not packed). Steps up
+    to `last_step_at_reference` (optim.last_step_at_reference: no update has moved the
+    weights yet) use the policy's log-probs as the reference's (pair_sums).
 
     A step whose loss or gradients are not finite applies no update (the state stays the
     last finite one) and is counted. With `skip_nonfinite` False the state then freezes:
@@ -340,9 +351,13 @@ def train_step(
     chosen = batch_A["loss_mask"] & (batch_A["sequence_ids"] % 2 == 0)
     chosen_tokens = jnp.maximum(jnp.sum(chosen), 1).astype(jnp.float32)
 
+    at_reference = state.step <= last_step_at_reference
+
     def objective(params, micro_batch):
         ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config, padded_rows)
-        _, sums = pair_sums(model_config, loss_config, params, ref_S, micro_batch, padded_rows)
+        _, sums = pair_sums(
+            model_config, loss_config, params, ref_S, micro_batch, padded_rows, at_reference
+        )
         share = sums["loss"] / pairs
         if loss_config.token_sft:
             share += sums["count/sft_weighted_nll"] / chosen_tokens
@@ -416,6 +431,7 @@ def jit_train_step(
     reference_on_device: bool,
     padded_rows: bool,
     skip_nonfinite: bool = False,
+    last_step_at_reference: int = -1,
 ):
     """train_step jitted with the state's shardings (donated) and replicated metrics: the
     trainer's step and the benchmark's are this one program."""
@@ -428,6 +444,7 @@ def jit_train_step(
             schedule=schedule,
             padded_rows=padded_rows,
             skip_nonfinite=skip_nonfinite,
+            last_step_at_reference=last_step_at_reference,
         ),
         in_shardings=(shardings, shardings.params if reference_on_device else None, None),
         out_shardings=(shardings, sharding.replicated(mesh)),

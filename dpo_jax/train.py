@@ -222,6 +222,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         reference_on_device=s.reference_on_device,
         padded_rows=not iterator.packing,
         skip_nonfinite=s.loop.skip_nonfinite,
+        last_step_at_reference=optim.last_step_at_reference(schedule, total_steps),
     )
     eval_fn = jit_eval_sums(model_config, s.loss)
     if lead:

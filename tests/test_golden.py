@@ -88,6 +88,7 @@ def golden_run(**extra) -> dict[int, dict[str, float]]:
         mesh,
         reference_on_device=True,
         padded_rows=True,
+        last_step_at_reference=optim.last_step_at_reference(schedule, s.loop.max_steps),
     )
     out = {}
     for index in range(2):
@@ -102,11 +103,11 @@ def golden_run(**extra) -> dict[int, dict[str, float]]:
 
 def test_train_step_golden_metrics():
     got = golden_run()
-    # Policy = reference at step 0: ln 2 exactly, and rewards that are rounding noise (the
-    # two forwards round differently by an ulp), so not golden.
+    # Policy = reference at step 0: ln 2, and rewards exactly 0 (the reference log-probs are
+    # the policy's own there, not a second forward's that rounds an ulp apart), as TRL's.
     assert abs(got[0]["preference_loss"] - math.log(2)) < 1e-6
     for side in ("chosen", "rejected", "margins"):
-        assert abs(got[0].pop(f"rewards/{side}")) < 1e-6
+        assert got[0].pop(f"rewards/{side}") == 0.0
     for index, expected in GOLDEN.items():
         got[index].pop("chosen_tokens")
         assert got[index].keys() == expected.keys()

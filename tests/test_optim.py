@@ -102,3 +102,12 @@ def test_stochastic_round_brackets_the_value_and_is_deterministic(value):
     special = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0])
     out = np.asarray(optim.stochastic_round(special, jnp.bfloat16, jnp.uint32(1)), np.float32)
     assert out[0] == np.inf and out[1] == -np.inf and np.isnan(out[2]) and out[3] == 0.0
+
+
+def test_last_step_at_reference_follows_the_schedule():
+    """Warmup's first rate is 0, so step 1 still sees the initial weights; without warmup
+    only step 0 does; a zero learning rate never moves them."""
+    schedule = lambda **kw: optim.make_schedule(optim.OptimConfig(total_steps=10, **kw))  # noqa: E731
+    assert optim.last_step_at_reference(schedule(learning_rate=1e-3, warmup_steps=3), 10) == 1
+    assert optim.last_step_at_reference(schedule(learning_rate=1e-3, warmup_steps=0), 10) == 0
+    assert optim.last_step_at_reference(schedule(learning_rate=0.0, warmup_steps=3), 10) == 10
