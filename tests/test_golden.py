@@ -59,14 +59,15 @@ KEYS = (
 )
 
 
-def golden_run(**extra) -> dict[int, dict[str, float]]:
-    """Two steps' metrics; "chosen_tokens" of step 0: its chosen completion tokens."""
+def golden_run(devices: int = 1, **extra) -> dict[int, dict[str, float]]:
+    """Two steps' metrics on a `devices`-device fsdp mesh; "chosen_tokens": each step's
+    chosen completion tokens."""
     # No warmup: the first step updates at the peak rate (warmup's first rate is 0).
     overrides = FAST | {"training.sft_loss_weight": 1.0, "training.warmup_steps": 0}
     overrides |= {"data.cache_dir": "none"} | extra
     s = settings.from_config(load_config("tiny", **overrides))
     model_config = state.model_config(s.model)
-    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    mesh = sharding.make_mesh(1, devices, 1, jax.devices()[:devices])
     built = data.build_data(
         s.data,
         hf.load_tokenizer(s.tokenizer),
@@ -121,12 +122,13 @@ def test_batch_token_sft_is_trls_and_exact_under_accumulation():
     """training.sft_normalization="batch_tokens": the SFT term is the NLL of all chosen tokens
     of the step over their count (TRL's), from the step's own log-probs at step 0; the same
     with two micro-batches of 4 as with one of 8 (the denominator is the step's, not the
-    micro-batch's), after an update too. Tolerance as GOLDEN's (float32 sums in another
-    order); pair normalisation's value differs by far more (~1e-2)."""
-    one = golden_run(**{"training.sft_normalization": "batch_tokens"})
-    two = golden_run(
-        **{"training.sft_normalization": "batch_tokens", "training.gradient_accumulation_steps": 2}
-    )
+    micro-batch's), and the same with the batch's rows sharded over 8 devices, after an
+    update too. Tolerance as GOLDEN's (float32 sums in another order); pair normalisation's
+    value differs by far more (~1e-2)."""
+    token_sft = {"training.sft_normalization": "batch_tokens"}
+    one = golden_run(**token_sft)
+    two = golden_run(**token_sft, **{"training.gradient_accumulation_steps": 2})
+    sharded = golden_run(devices=8, **token_sft)
     first = one[0]
     # Σ over the 8 pairs of the summed chosen NLL = -8 · logps/chosen (a mean over pairs).
     expected = -8 * first["logps/chosen"] / first["chosen_tokens"]
@@ -136,9 +138,8 @@ def test_batch_token_sft_is_trls_and_exact_under_accumulation():
     # The gradient flows through both parts: near pair normalisation's, not the same.
     assert 0.5 < first["grad_norm"] < 2 and abs(first["grad_norm"] - GOLDEN[0]["grad_norm"]) > 1e-4
     assert one[1]["loss"] < first["loss"]  # the update lowered it
-    for index in (0, 1):
-        for key in ("loss", "sft_loss", "grad_norm", "logps/chosen", "rewards/margins"):
-            if key in one[index]:
-                np.testing.assert_allclose(
-                    two[index][key], one[index][key], rtol=2e-5, atol=1e-6, err_msg=f"{index} {key}"
-                )
+    for other in (two, sharded):
+        for index in (0, 1):
+            for key in ("loss", "sft_loss", "grad_norm", "logps/chosen", "rewards/margins"):
+                got, want = other[index][key], one[index][key]
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6, err_msg=key)
