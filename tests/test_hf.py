@@ -511,7 +511,7 @@ def test_trainer_log_probs_apply_gemma2_final_softcap(saved):
         "sequence_ids": np.array([[0] * 8, [1] * 8]),
         "pair_mask": np.ones(1, bool),
     }
-    logps, _, _ = step.sequence_stats(config, params, batch, chunk_size=32)
+    logps = step.sequence_stats(config, params, batch, chunk_size=32)[0]
     logits = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
     assert np.abs(logits).max() < FINAL_CAP
     expected = losses.token_logps(logits, jnp.asarray(batch["labels"])).sum(-1)
