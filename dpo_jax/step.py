@@ -133,41 +133,23 @@ def sequence_stats(
             values_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
         )[0]
 
+    def token_values(logps, stats: losses.TokenStats) -> dict:
+        """The per-token quantities whose sums per sequence token_sums_S holds."""
+        aligned = jax.lax.stop_gradient(logps) - stats.log_sum_sq_probs
+        return {"entropy": stats.entropy, "top1": stats.top1, "aligned": aligned}
+
     logps_S, lengths_S = losses.sequence_logps(
         logps_M.reshape(shape), batch["loss_mask"], batch["sequence_ids"], num_sequences
     )
     logit_sums_S = per_sequence(mean_logits_M)
-    token_sums_S = {
-        "entropy": per_sequence(stats_M.entropy),
-        "top1": per_sequence(stats_M.top1),
-        "aligned": per_sequence(jax.lax.stop_gradient(logps_M) - stats_M.log_sum_sq_probs),
-    }
-    if "extra_index" in batch:
-        extra_logps_P, extra_mean_logits_P, extra_stats_P = losses.chunked_token_stats(
-            hidden_MxD[batch["extra_index"]],
-            unembedding,
-            batch["extra_label"],
-            chunk_size=chunk_size,
-            logit_softcap=model_config.final_logit_softcap,
-        )
+    token_sums_S = {k: per_sequence(v) for k, v in token_values(logps_M, stats_M).items()}
+    shared = "extra_index" in batch
+    if shared:
         valid_P = batch["pair_mask"]
-        add = lambda S, P: S.at[1::2].add(jnp.where(valid_P, P, 0.0))  # noqa: E731
-        logps_S = add(logps_S, extra_logps_P)
         lengths_S = lengths_S.at[1::2].add(valid_P.astype(lengths_S.dtype))
-        logit_sums_S = add(logit_sums_S, extra_mean_logits_P)
-        token_sums_S = {
-            "entropy": add(token_sums_S["entropy"], extra_stats_P.entropy),
-            "top1": add(token_sums_S["top1"], extra_stats_P.top1),
-            "aligned": add(
-                token_sums_S["aligned"],
-                jax.lax.stop_gradient(extra_logps_P) - extra_stats_P.log_sum_sq_probs,
-            ),
-        }
-    if ld_alpha != 1.0:
-        offsets_S = None
-        if "extra_index" in batch:  # the rejected reply's first token is not in its rows
-            offsets_S = jnp.zeros_like(lengths_S).at[1::2].set(1.0)
-        ld_logps_S = losses.desensitized_logps(
+    if ld_alpha != 1.0:  # from the rows; a shared rejected reply's first token is apart
+        offsets_S = jnp.zeros_like(lengths_S).at[1::2].set(1.0) if shared else None
+        logps_S = losses.desensitized_logps(
             logps_M.reshape(shape),
             batch["loss_mask"],
             batch["sequence_ids"],
@@ -175,9 +157,19 @@ def sequence_stats(
             ld_alpha,
             offsets_S,
         )
-        if "extra_index" in batch:
-            ld_logps_S = ld_logps_S.at[1::2].add(jnp.where(valid_P, extra_logps_P, 0.0))
-        logps_S = ld_logps_S
+    if shared:
+        extra_logps_P, extra_mean_logits_P, extra_stats_P = losses.chunked_token_stats(
+            hidden_MxD[batch["extra_index"]],
+            unembedding,
+            batch["extra_label"],
+            chunk_size=chunk_size,
+            logit_softcap=model_config.final_logit_softcap,
+        )
+        add = lambda S, P: S.at[1::2].add(jnp.where(valid_P, P, 0.0))  # noqa: E731
+        logps_S = add(logps_S, extra_logps_P)
+        logit_sums_S = add(logit_sums_S, extra_mean_logits_P)
+        extra_P = token_values(extra_logps_P, extra_stats_P)
+        token_sums_S = {k: add(v, extra_P[k]) for k, v in token_sums_S.items()}
     return logps_S, lengths_S, jax.lax.stop_gradient(logit_sums_S), token_sums_S
 
 

@@ -110,6 +110,7 @@ class PairIterator:
             if self.sources
             else [len(pairs)]
         )
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order): epoch_order
         self.chosen_lengths, self.rejected_lengths = pair_parts(pairs)
         self.group_lengths, _ = pair_parts(pairs, prefix_sharing=True)
         micro = batch_size // accumulation_steps
@@ -178,6 +179,16 @@ class PairIterator:
     # ------------------------------------------------------------------- order and plan
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's pair order (read-only), drawn once per epoch: every step asks for it
+        (its pairs, its token count, reference columns), and a draw is a permutation of all
+        pairs."""
+        if self._order is None or self._order[0] != epoch:
+            order = self._draw_order(epoch)
+            order.setflags(write=False)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def _draw_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         if self.sources is None:
             return rng.permutation(len(self.pairs)) if self.shuffle else np.arange(len(self.pairs))
