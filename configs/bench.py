@@ -8,6 +8,10 @@
     python -m dpo_jax.bench --config configs/bench.py:llama3_1_8b \
         --config.training.precompute_ref_log_probs=True \
         --config.model.remat_policy=full                                    # 8B on one H100
+    python -m dpo_jax.bench --config configs/bench.py:llama3_1_8b --config.lora.rank=16 \
+        --config.lora.quantization=nf4 --config.model.remat_policy=full     # 8B QLoRA
+    python -m dpo_jax.bench --config configs/bench.py:llama3_1_70b --config.lora.rank=16 \
+        --config.lora.quantization=nf4 --config.bench.estimate_only=True    # memory, no GPU
 
 The trainer's schema (dpo_jax/schema.py) with a `bench` section: every training key means
 what it means in training (data.packing, data.prefix_sharing, data.packed_rows,
@@ -26,13 +30,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     gpu = preset != "tiny"
     c = default_config()
     c.bench = ml_collections.ConfigDict()
-    c.bench.preset = preset  # tiny | llama3_2_1b | qwen2_5_0_5b | llama3_1_8b
+    c.bench.preset = preset  # tiny | llama3_2_1b | qwen2_5_0_5b | llama3_1_8b | llama3_1_70b
     c.bench.lengths = "fixed"  # fixed: exactly prompt_length + completion_length; hh: HH-like mix
     c.bench.prompt_length = 512 if gpu else 24
     c.bench.completion_length = 512 if gpu else 24
     c.bench.warmup_steps = 3  # untimed steps after compilation
     c.bench.steps = 10  # timed steps (median reported)
     c.bench.seed = 0  # pair generator (benchmarks/trl_dpo.py draws the same pairs from it)
+    c.bench.estimate_only = False  # True: print the per-device memory estimate; run nothing
     return with_overrides(
         c,
         {

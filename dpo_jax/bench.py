@@ -33,6 +33,7 @@ from dpo_jax import (
     cli,
     data,
     hf,
+    lora,
     memory,
     model,
     optim,
@@ -108,6 +109,10 @@ PRESETS = {
         ),
     ),
 }
+# Llama 3.1 70B: the 8B's family at 80 layers of width 8192 (memory estimates: bench.estimate_only).
+PRESETS["llama3_1_70b"] = PRESETS["llama3_1_8b"] | dict(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +153,7 @@ def model_config_for(w: Workload) -> model.ModelConfig:
         attention_impl=m.attention_impl,
         remat_policy=m.remat_policy,
         max_segments_per_row=m.max_segments_per_row,
+        **m.lora.model_fields(),
     )
 
 
@@ -324,23 +330,28 @@ def run_workload(w: Workload, devices=None) -> dict:
     optim_config = s.optim.for_steps(len(steps))
     optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
     shardings = state.state_shardings(model_config, optimizer, mesh, s.mesh.rules)
+    frozen_shardings = state.frozen_shardings(s, model_config, mesh, shardings)
     row_length = row_length_of(w)
     # The trainer's estimate, printed but not enforced: an out-of-memory run is a result.
     parts = memory.check_state_fits(
         state.abstract_state(model_config, optimizer, shardings),
         model_config,
         mesh,
-        reference_on_device=s.reference_on_device,
+        frozen=state.abstract_frozen(s, model_config, frozen_shardings),
         rows=rows,
         row_length=row_length,
         logits_chunk_size=s.loss.logits_chunk_size,
         enforce=False,
     )
+    if b.estimate_only:  # shapes only: nothing was allocated
+        return (
+            {"preset": b.preset, "devices": int(mesh.devices.size)}
+            | workload_fields(w, model_config, rows, row_length)
+            | {f"estimated_{name}_gb": round(v / memory.GiB, 2) for name, v in parts.items()}
+        )
     train_state = state.init_state(s.model, model_config, s.loop.seed, optimizer, shardings)
-    # The frozen reference exists only when its forward runs in the step.
-    ref = None
-    if s.reference_on_device:
-        ref = state.copy_params(train_state.params, shardings.params)
+    # The frozen reference (or LoRA base) exists only when the step reads it.
+    ref, _ = state.frozen_weights(s, model_config, mesh, train_state, frozen_shardings)
     step_fn = jit_train_step(
         model_config,
         s.loss,
@@ -348,8 +359,9 @@ def run_workload(w: Workload, devices=None) -> dict:
         schedule,
         shardings,
         mesh,
-        reference_on_device=s.reference_on_device,
+        frozen_shardings=frozen_shardings,
         padded_rows=not w.packing,
+        dropout_seed=s.loop.seed if s.model.lora.enabled and s.model.lora.dropout > 0 else None,
     )
     placed = [sharding.put_batch(batch, mesh, row_axis=1) for batch in batches]
 
@@ -388,20 +400,17 @@ def run_workload(w: Workload, devices=None) -> dict:
     device = mesh.devices.flat[0]
     peak, peak_source = throughput.peak_flops(device)
     memory_gb = memory.device_peak_gb()
-    fixed = b.lengths == "fixed"
-    m, t = s.model, s.optim
-    segments_bound = model_config.max_segments_per_row
     return {
         "trainer": "dpo_jax",
         "preset": b.preset,
         "device": device.device_kind,
         "devices": int(mesh.devices.size),
-        "params": model.num_params(model_config),
         "pairs_per_step": s.batch.batch_size,
         "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4),
         "pairs_per_s": round(s.batch.batch_size / step_s, 3),
         "tokens_per_s": round(tokens / step_s, 1),
+        "tokens_per_step": tokens,
         "padding_fraction": round(1 - tokens / slots, 4),
         "mfu": round(flops / step_s / (peak * mesh.devices.size), 4),
         "peak_flops_source": peak_source,
@@ -409,7 +418,23 @@ def run_workload(w: Workload, devices=None) -> dict:
         "loss": float(metrics["loss"]),
         "estimated_memory_gb": round(parts["total"] / memory.GiB, 2),
         "compiled_temp_gb": None if temp_gb is None else round(temp_gb, 2),
-        # The workload (benchmarks/compare.py pairs runs by these) ...
+    } | workload_fields(w, model_config, rows, row_length)
+
+
+def workload_fields(w: Workload, model_config, rows: int, row_length: int) -> dict:
+    """What was run: benchmarks/compare.py pairs runs by the workload's fields."""
+    s, b = w.s, w.b
+    fixed = b.lengths == "fixed"
+    m, t = s.model, s.optim
+    segments_bound = model_config.max_segments_per_row
+    lora_on = m.lora.enabled
+    return {
+        "params": model.num_params(model_config),
+        "trainable_params": lora.adapter_count(model_config)
+        if lora_on
+        else model.num_params(model_config),
+        "lora_rank": m.lora.rank,
+        "quantization": m.lora.quantization,
         "lengths": b.lengths,
         "prompt_length": b.prompt_length if fixed else None,
         "completion_length": b.completion_length if fixed else None,
@@ -433,7 +458,6 @@ def run_workload(w: Workload, devices=None) -> dict:
         == attention.CUDNN_PACKED,
         "rows_per_micro_batch": rows,
         "tokens_per_micro_batch": rows * row_length,
-        "tokens_per_step": tokens,
         "remat_policy": model_config.remat_policy,
         "dtype": m.dtype,
         "param_dtype": m.param_dtype,

@@ -1,5 +1,6 @@
-"""Orbax checkpoints of the train state, the data position and the config; auto-resume;
-pre-emption (SIGTERM, Ctrl-C); one run per workdir."""
+"""Orbax checkpoints of the train state, the data position and the config (and, for LoRA,
+the frozen base's identity); auto-resume; pre-emption (SIGTERM, Ctrl-C); one run per
+workdir."""
 
 from __future__ import annotations
 
@@ -27,6 +28,38 @@ class CheckpointError(RuntimeError):
 
 class WorkdirBusy(RuntimeError):
     """Another run holds the workdir."""
+
+
+class BaseMismatch(ValueError):
+    """LoRA adapters restored onto other base weights than those they were trained on."""
+
+
+def base_identity(m, fingerprint: str) -> dict:
+    """What LoRA checkpoints record of their frozen base (settings.ModelSettings `m`)."""
+    return {
+        "model": m.name,
+        "init": m.init,
+        "fingerprint": fingerprint,
+        "quantization": m.lora.quantization,
+    }
+
+
+def check_base(saved: dict | None, current: dict, step: int) -> None:
+    """Raises BaseMismatch unless checkpoint `step`'s base is the base loaded now: adapters
+    mean something only on the weights they were trained on."""
+    if saved is None:
+        raise BaseMismatch(
+            f"checkpoint {step} records no LoRA base: it was not written by a LoRA run (lora.rank"
+            " > 0); resume it with the config it was trained with, or use a new workdir"
+        )
+    if saved.get("fingerprint") != current["fingerprint"]:
+        raise BaseMismatch(
+            f"checkpoint {step} holds LoRA adapters trained on model.name={saved.get('model')!r} "
+            f"(weights fingerprint {str(saved.get('fingerprint'))[:12]}), but the base loaded "
+            f"now, model.name={current['model']!r}, has fingerprint "
+            f"{current['fingerprint'][:12]}: point model.name at the same weights, or train "
+            "these in a new workdir"
+        )
 
 
 class WorkdirLock:
@@ -128,10 +161,14 @@ class Checkpointer:
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         ).config
 
-    def save(self, step: int, state, data_position: dict, config: dict, metrics=None) -> None:
+    def save(
+        self, step: int, state, data_position: dict, config: dict, metrics=None, base=None
+    ) -> None:
         """`metrics` (an evaluation's {name: value}) make the checkpoint a candidate for
-        keep_best; Orbax stores them with it, so the ranking survives a resume."""
+        keep_best; Orbax stores them with it, so the ranking survives a resume. `base`: a
+        LoRA run's base_identity."""
         self.wait()  # Orbax would wait for a save in flight anyway; a failure is named as its
+        items = {"base": ocp.args.JsonSave(base)} if base is not None else {}
         with self._failing_as(step):
             self.manager.save(
                 step,
@@ -139,6 +176,7 @@ class Checkpointer:
                     state=ocp.args.StandardSave(state),
                     data=ocp.args.JsonSave(data_position),
                     config=ocp.args.JsonSave(config),
+                    **items,
                 ),
                 metrics=metrics if self.keep_best else None,
                 force=True,
@@ -222,6 +260,12 @@ class Checkpointer:
             "the folder away to start afresh"
         )
 
+    def read_base(self, step: int) -> dict | None:
+        """The base_identity that LoRA checkpoint `step` was saved with (None: none)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "base")):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore())).base
+
     def latest_config(self) -> dict | None:
         """The config of the newest checkpoint whose config reads (None: nothing to resume)."""
         for step in reversed(self.steps()):
@@ -231,22 +275,23 @@ class Checkpointer:
                 continue
         return None
 
-    def restore_params(self, step: int, abstract_params):
-        """The policy parameters alone (the optimizer state is never read), onto the
-        shardings held by `abstract_params`."""
+    def restore_params(self, step: int, abstract_params, field: str = "params"):
+        """The policy parameters alone (or the state's other `field`, e.g. TR-DPO's
+        "reference"; the optimizer state is never read), onto the shardings held by
+        `abstract_params`."""
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
-                    item={"params": abstract_params},
+                    item={field: abstract_params},
                     restore_args={
-                        "params": ocp.checkpoint_utils.construct_restore_args(abstract_params)
+                        field: ocp.checkpoint_utils.construct_restore_args(abstract_params)
                     },
                     partial_restore=True,
                 )
             ),
         )
-        return restored.state["params"]
+        return restored.state[field]
 
     def watch_preemption(self) -> None:
         """On SIGTERM (what SLURM and Kubernetes send before a kill) or Ctrl-C, finish the

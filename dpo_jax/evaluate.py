@@ -21,7 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import checkpoint, data, hf, progress, settings, sharding, state
+from dpo_jax import checkpoint, data, hf, model, progress, settings, sharding, state
 from dpo_jax.settings import Settings
 from dpo_jax.step import finalize, jit_eval_sums
 
@@ -118,16 +118,21 @@ def evaluate(
         name: data.load_pairs(path, tokenizer, s.data)[0] for name, path in eval_sets.items()
     }
 
-    # --- which checkpoint; the reference is the initial policy, built as training built it,
-    # and the restored policy takes the same shardings (no optimizer: only params are read).
+    # --- which checkpoint; the reference is the initial policy, built as training built it
+    # (LoRA: the base; TR-DPO: the checkpoint's synced reference), and the restored policy
+    # takes the same shardings (no optimizer: only params are read).
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     try:
         step = ckpt.resolve_step(step, s.checkpoint.keep_best)
-        shardings = state.param_shardings(model_config, mesh, s.mesh.rules)
+        params = state.restore_policy(ckpt, step, s, model_config, mesh)
         ref_params = None
-        if s.loss.needs_reference:
+        if isinstance(params, model.Adapted):
+            ref_params = params.base
+        elif s.ref_sync is not None:
+            ref_params = state.restore_reference(ckpt, step, model_config, params)
+        elif s.loss.needs_reference:
+            shardings = state.param_shardings(model_config, mesh, s.mesh.rules)
             ref_params = state.initial_params(s.model, model_config, s.loop.seed, shardings)
-        params = state.restore_params(ckpt, step, model_config, shardings)
     finally:
         ckpt.close()
 

@@ -8,6 +8,11 @@ onto an fsdp mesh of all devices, then writes safetensors,
 config.json, generation_config.json and the tokenizer of the run's model (data.tokenizer when
 set, else model.name) with `dpo_jax.hf.save_pretrained`. The folder loads in
 `transformers.AutoModelForCausalLM.from_pretrained`, vLLM, and `dpo_jax.hf.load_pretrained`.
+
+A LoRA run's checkpoint holds adapters: they are restored onto the run's base (model.name,
+checked against the fingerprint the checkpoint recorded), and the export is the merged
+model in --out plus the PEFT adapter folder <out>-adapter (adapter_config.json and
+adapter_model.safetensors, for `peft.PeftModel.from_pretrained(base, folder)`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import jax
 from absl import app, flags
 
-from dpo_jax import checkpoint, hf, settings, sharding, state
+from dpo_jax import checkpoint, hf, lora, model, settings, sharding, state
 from dpo_jax.model import ModelConfig
 
 
@@ -35,10 +40,20 @@ def write_hf(
     tokenizer=None,
     dtype=None,
     max_shard_size: int | str = "5GB",
+    mesh_rules=None,
 ) -> None:
     """An HF folder of `params` whose config.json keeps the source model's other keys (token
     ids, ...), with its generation_config.json and tokenizer (`tokenizer`: an object with
-    save_pretrained or a folder / hub id; default `model_name`'s). Every process calls it."""
+    save_pretrained or a folder / hub id; default `model_name`'s). Every process calls it.
+
+    A LoRA policy (model.Adapted) is written merged, and its adapters as a PEFT folder at
+    lora.adapter_folder(out); `mesh_rules` = (mesh, rules) places the merged weights."""
+    if isinstance(params, model.Adapted):
+        mesh, rules = mesh_rules
+        lora.write_peft(lora.adapter_folder(out), model_config, params.adapters, model_name)
+        params = lora.merged_params(
+            model_config, params, state.param_shardings(model_config, mesh, rules)
+        )
     source = hf.resolve_model_path(model_name)
     generation_config = None
     generation_file = os.path.join(source, "generation_config.json")
@@ -60,7 +75,8 @@ def write_hf(
 def restore_params(workdir: str, step: int | str | None = None, devices=None):
     """(the run's Settings, ModelConfig, params fsdp-sharded over `devices`, step) of
     checkpoint `step` of `workdir` (a number, "latest" = None, or "best"); the optimizer
-    state is never read."""
+    state is never read. A LoRA run's params are its policy, model.Adapted(base, adapters),
+    the base loaded from the run's model.name and checked against the checkpoint's."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise ExportError(f"--workdir {workdir}: no checkpoints/ folder (has it trained?)")
@@ -71,11 +87,12 @@ def restore_params(workdir: str, step: int | str | None = None, devices=None):
             keep_best = settings.from_config(settings.from_json(latest)).checkpoint.keep_best
         step = ckpt.resolve_step(step, keep_best)
         s = settings.from_config(settings.from_json(ckpt.read_config(step)))
-        # Architecture and weight dtype only: what the exported files hold.
-        model_config = hf.read_model_config(s.model.name, param_dtype=s.model.param_dtype)
+        # Architecture, weight dtype and adapters only: what the exported files hold.
+        model_config = hf.read_model_config(
+            s.model.name, param_dtype=s.model.param_dtype, **s.model.lora.model_fields()
+        )
         mesh = sharding.make_mesh(1, -1, 1, devices)
-        shardings = state.param_shardings(model_config, mesh, s.mesh.rules)
-        params = state.restore_params(ckpt, step, model_config, shardings)
+        params = state.restore_policy(ckpt, step, s, model_config, mesh)
     finally:
         ckpt.close()
     return s, model_config, params, step
@@ -85,7 +102,18 @@ def export(workdir: str, out: str, step=None, *, dtype=None, devices=None) -> in
     """Writes checkpoint `step` (a number, None = latest, or "best") of `workdir` as an HF
     folder; returns the step written."""
     s, model_config, params, step = restore_params(workdir, step, devices)
-    write_hf(out, model_config, params, s.model.name, tokenizer=s.tokenizer, dtype=dtype)
+    mesh_rules = None
+    if isinstance(params, model.Adapted):
+        mesh_rules = (sharding.make_mesh(1, -1, 1, devices), s.mesh.rules)
+    write_hf(
+        out,
+        model_config,
+        params,
+        s.model.name,
+        tokenizer=s.tokenizer,
+        dtype=dtype,
+        mesh_rules=mesh_rules,
+    )
     return step
 
 
@@ -109,7 +137,12 @@ def main(argv) -> None:
     sharding.initialize_distributed()
     try:
         step = export(FLAGS.workdir, FLAGS.out, FLAGS.step, dtype=FLAGS.dtype or None)
-    except (ExportError, checkpoint.CheckpointError, *settings.USER_ERRORS) as error:
+    except (
+        ExportError,
+        checkpoint.CheckpointError,
+        checkpoint.BaseMismatch,
+        *settings.USER_ERRORS,
+    ) as error:
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
         print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}", flush=True)

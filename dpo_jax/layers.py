@@ -8,11 +8,13 @@ K kv heads, G query heads per kv head, H head dim, F mlp, E segments per row (E1
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import attention
+from dpo_jax import attention, quant
 from dpo_jax.model_config import ACTIVATIONS, ModelConfig, rope_inv_freq
 
 INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
@@ -77,7 +79,13 @@ def norm_layer(config: ModelConfig, name: str) -> RMSNorm:
 
 
 class Einsum(nn.Module):
-    """A kernel of `shape` applied by einsum `eqn`; optional bias over the kernel's output dims."""
+    """A kernel of `shape` applied by einsum `eqn`; optional bias over the kernel's output dims.
+
+    The stored kernel may be quantized (a quant.Quantized, QLoRA's frozen base): it is
+    dequantized here, one layer at a time, in the compute dtype. With `lora` = (rank, scale,
+    dropout) the output gains scale · B(A(dropout(x))), A [*in, r] and B [r, *out] in the
+    "lora" collection; applied without that collection (the reference: adapters off), the
+    module is the bare projection. Dropout runs only when the caller passes a "dropout" rng."""
 
     eqn: str
     shape: tuple[int, ...]
@@ -85,18 +93,62 @@ class Einsum(nn.Module):
     dtype: str
     param_dtype: str
     bias_axes: tuple[str, ...] | None = None
+    lora: tuple[int, float, float] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(INIT, self.axes)
-        kernel = self.param("kernel", init, self.shape, self.param_dtype)
-        y = jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum(self.eqn, x.astype(self.dtype), self._kernel())
+        if self.lora is not None and (self.is_initializing() or self.has_variable("lora", "a")):
+            y = y + self._adapter(x)
         if self.bias_axes is not None:
             bias_shape = self.shape[-len(self.bias_axes) :]
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes)
             bias = self.param("bias", bias_init, bias_shape, self.param_dtype).astype(self.dtype)
             y = y + trailing(bias, y)
         return y
+
+    def _kernel(self) -> jax.Array:
+        stored = None if self.is_initializing() else self.get_variable("params", "kernel")
+        if isinstance(stored, quant.Quantized):
+            return quant.dequantize(stored, self.dtype)
+        init = nn.with_logical_partitioning(INIT, self.axes)
+        return self.param("kernel", init, self.shape, self.param_dtype).astype(self.dtype)
+
+    def _adapter(self, x: jax.Array) -> jax.Array:
+        rank, scale, dropout = self.lora
+        x_sub, rest = self.eqn.split(",")
+        k_sub, out_sub = rest.split("->")
+        n_in = sum(letter in x_sub for letter in k_sub)  # the kernel's contracted (input) dims
+        in_sub, kout_sub = k_sub[:n_in], k_sub[n_in:]
+        kept_sub = "".join(letter for letter in x_sub if letter not in in_sub)
+        fan_in = math.prod(self.shape[:n_in])
+        # PEFT's initialisation: A ~ U(±1/sqrt(fan_in)) (kaiming_uniform, a=sqrt(5)), B = 0,
+        # so the adapted model starts as the base.
+        bound = fan_in**-0.5
+        a_init = nn.with_logical_partitioning(
+            lambda rng, shape, dtype: jax.random.uniform(rng, shape, dtype, -bound, bound),
+            (*self.axes[:n_in], "lora_rank"),
+        )
+        b_init = nn.with_logical_partitioning(
+            nn.initializers.zeros, ("lora_rank", *self.axes[n_in:])
+        )
+        a = self.variable(
+            "lora",
+            "a",
+            a_init,
+            self.make_rng("params") if self.is_initializing() else None,
+            (*self.shape[:n_in], rank),
+            self.param_dtype,
+        ).value
+        b = self.variable(
+            "lora", "b", b_init, None, (rank, *self.shape[n_in:]), self.param_dtype
+        ).value
+        x = x.astype(self.dtype)
+        if dropout > 0.0 and self.has_rng("dropout"):
+            x = nn.Dropout(dropout, deterministic=False)(x)
+        h = jnp.einsum(f"{x_sub},{in_sub}r->{kept_sub}r", x, a.astype(self.dtype))
+        y = jnp.einsum(f"{kept_sub}r,r{kout_sub}->{out_sub}", h, b.astype(self.dtype))
+        return y * jnp.asarray(scale, self.dtype)
 
 
 class Attention(nn.Module):
@@ -137,14 +189,27 @@ class Attention(nn.Module):
             (d, n, h),
             ("embed", "heads", "head_dim"),
             bias_axes=q_bias,
+            lora=c.lora_for("q_proj"),
             name="q_proj",
             **dt,
         )(x_BxTxD)
         k_BxTxKxH = Einsum(
-            "BTD,DKH->BTKH", (d, k, h), kv_axes, bias_axes=kv_bias, name="k_proj", **dt
+            "BTD,DKH->BTKH",
+            (d, k, h),
+            kv_axes,
+            bias_axes=kv_bias,
+            lora=c.lora_for("k_proj"),
+            name="k_proj",
+            **dt,
         )(x_BxTxD)
         v_BxTxKxH = Einsum(
-            "BTD,DKH->BTKH", (d, k, h), kv_axes, bias_axes=kv_bias, name="v_proj", **dt
+            "BTD,DKH->BTKH",
+            (d, k, h),
+            kv_axes,
+            bias_axes=kv_bias,
+            lora=c.lora_for("v_proj"),
+            name="v_proj",
+            **dt,
         )(x_BxTxD)
         if c.qk_norm:
             q_BxTxNxH = RMSNorm(c.rms_norm_eps, name="q_norm", **dt)(q_BxTxNxH)
@@ -213,7 +278,12 @@ class Attention(nn.Module):
                 impl=c.attention_impl,
             )
         return Einsum(
-            "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), name="o_proj", **dt
+            "BTNH,NHD->BTD",
+            (n, h, d),
+            ("heads", "head_dim", "embed"),
+            lora=c.lora_for("o_proj"),
+            name="o_proj",
+            **dt,
         )(out_BxTxNxH)
 
     def _cached(self, k_BxTxKxH, v_BxTxKxH, positions_BxT, segment_ids_BxT, window):
@@ -247,12 +317,14 @@ class Mlp(nn.Module):
         c = self.config
         d, f = c.hidden_size, c.intermediate_size
         dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-        gate_BxTxF = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), name="gate_proj", **dt)(
-            x_BxTxD
-        )
-        up_BxTxF = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), name="up_proj", **dt)(x_BxTxD)
+
+        def proj(eqn, shape, axes, name):
+            return Einsum(eqn, shape, axes, lora=c.lora_for(name), name=name, **dt)
+
+        gate_BxTxF = proj("BTD,DF->BTF", (d, f), ("embed", "mlp"), "gate_proj")(x_BxTxD)
+        up_BxTxF = proj("BTD,DF->BTF", (d, f), ("embed", "mlp"), "up_proj")(x_BxTxD)
         h_BxTxF = ACTIVATIONS[c.mlp_activation](gate_BxTxF) * up_BxTxF
-        return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), name="down_proj", **dt)(h_BxTxF)
+        return proj("BTF,FD->BTD", (f, d), ("mlp", "embed"), "down_proj")(h_BxTxF)
 
 
 class Kernel(nn.Module):

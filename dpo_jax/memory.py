@@ -59,22 +59,29 @@ def activation_bytes(
 
 def estimate(
     state,
-    ref_params,
+    frozen,
     config: ModelConfig,
     *,
     tokens_per_device: int,
     row_length: int,
     logits_chunk_size: int,
 ) -> dict[str, int]:
-    """Bytes per device by part; `state`/`ref_params` may be arrays or ShapeDtypeStructs."""
+    """Bytes per device by part; `state`/`frozen` may be arrays or ShapeDtypeStructs.
+
+    `frozen`: the weights the step reads but does not train: the reference's, or with LoRA
+    the base (quantized or not; "params" then are the adapters). TR-DPO's reference is part
+    of `state` (state.reference)."""
     params = shard_bytes(state.params)
+    lora = config.lora_rank > 0
     parts = {
-        "params": params,
+        "base" if lora else "params": shard_bytes(frozen) if lora else params,
+        "adapters" if lora else "reference": params if lora else shard_bytes(frozen or []),
         "optimizer": shard_bytes(state.opt_state),
         "gradients": params,  # accumulated in the parameters' dtype and sharding
-        "reference": shard_bytes(ref_params) if ref_params is not None else 0,
         "activations": activation_bytes(config, tokens_per_device, row_length, logits_chunk_size),
     }
+    if state.reference is not None:
+        parts["reference"] = shard_bytes(state.reference)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -89,6 +96,8 @@ FIT_KNOBS = (
     "mesh.fsdp (shard parameters and optimizer state over more devices)",
     "training.precompute_ref_log_probs=True (no reference weights on the device)",
     "training.optimizer_state_dtype=bfloat16 (Adam moments at half the memory)",
+    "lora.rank=16 (train adapters only: no optimizer state or gradients for the base)",
+    "lora.quantization=nf4 (with LoRA: the frozen base at ~4.5 bits per weight)",
     "data.max_seq_length (shorter rows)",
     "model.logits_chunk_size (smaller vocabulary chunks)",
     "training.batch_size (fewer pairs per step)",
@@ -119,7 +128,7 @@ def check_state_fits(
     config: ModelConfig,
     mesh,
     *,
-    reference_on_device: bool,
+    frozen,
     rows: int,
     row_length: int,
     logits_chunk_size: int,
@@ -127,11 +136,12 @@ def check_state_fits(
 ) -> dict[str, int]:
     """Prints the per-device estimate for a state of ShapeDtypeStructs and micro-batches of
     `rows` rows as the iterator builds them; on an accelerator (with `enforce`), stops before
-    compiling when it cannot fit, naming the knobs that would make it fit. Returns the parts."""
+    compiling when it cannot fit, naming the knobs that would make it fit. `frozen`: see
+    `estimate` (ShapeDtypeStructs). Returns the parts."""
     data_parallel = sharding.data_parallel_size(mesh)
     parts = estimate(
         abstract_state,
-        abstract_state.params if reference_on_device else None,
+        frozen,
         config,
         tokens_per_device=max(1, rows // data_parallel) * row_length,
         row_length=row_length,

@@ -39,6 +39,11 @@ each layer's rotated keys and values in a "cache" collection, k/v [L, B, U, K, H
 filled [L, B, U] (scanned like the params), with slot = position. A query at position p
 sees the filled slots s <= p (and p - s < window in sliding layers).
 
+LoRA (config.lora_rank > 0): the targeted projections also create A and B in a "lora"
+collection, scanned like the params (layers/attn/q_proj/a [L, D, r], b [L, r, N, H], ...).
+Every public function takes `Adapted(base, adapters)` where it takes params: the policy;
+the bare base is the same model with the adapters off (the LoRA reference).
+
 The layer modules live in dpo_jax.layers, ModelConfig and its counts in dpo_jax.model_config;
 this module re-exports the latter, so callers import everything model-related from here.
 """
@@ -49,6 +54,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -73,6 +79,27 @@ from dpo_jax.model_config import (  # noqa: F401  (re-exported)
 )
 
 Params = Any
+
+
+@flax.struct.dataclass
+class Adapted:
+    """A LoRA policy: the frozen base params and the trained adapters (the "lora" tree)."""
+
+    base: Params
+    adapters: Params
+
+
+def base_params(params) -> Params:
+    """The base weights of `params` (Adapted or plain), unboxed."""
+    return nn.meta.unbox(params.base if isinstance(params, Adapted) else params)
+
+
+def variables_of(params) -> dict:
+    """The Flax variables of plain params or an Adapted policy."""
+    variables = {"params": base_params(params)}
+    if isinstance(params, Adapted):
+        variables["lora"] = nn.meta.unbox(params.adapters)
+    return variables
 
 
 class Decoder(nn.Module):
@@ -108,8 +135,8 @@ class Decoder(nn.Module):
         if c.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True},
+                variable_axes={"params": 0, "cache": 0, "lora": 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -141,10 +168,22 @@ class Decoder(nn.Module):
         return norm_layer(c, "final_norm")(x_BxTxD)
 
 
+def _init(config: ModelConfig, rng: jax.Array) -> dict:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(rng, tokens, tokens, jnp.ones_like(tokens))
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     """Boxed (logically partitioned) params; jit-able, and shape-only under jax.eval_shape."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(config).init(rng, tokens, tokens, jnp.ones_like(tokens))["params"]
+    return _init(config, rng)["params"]
+
+
+def init_adapters(config: ModelConfig, rng: jax.Array) -> Params:
+    """Boxed LoRA adapters (A random, B zero: the policy starts as the base), from the same
+    init as `init_params` (under jit the base's unused init is dead code)."""
+    if config.lora_rank <= 0:
+        raise ValueError("init_adapters needs a config with lora_rank > 0")
+    return _init(config, rng)["lora"]
 
 
 def logical_axes(config: ModelConfig) -> Params:
@@ -162,8 +201,11 @@ def hidden_states(
     *,
     branch_ids_BxT=None,
     padded_rows: bool = False,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """Final-normed hidden states [B, T, D] in the compute dtype.
+
+    `params`: plain or Adapted (LoRA); `dropout_rng` turns LoRA dropout on (training only).
 
     branch_ids_BxT (prefix-shared rows, data.batching.write_group): 0 on a pair's prompt,
     1 / 2 on its chosen / rejected reply; a reply's tokens are hidden from the other's.
@@ -178,14 +220,21 @@ def hidden_states(
         positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones_like(tokens_BxT)
-    variables = {"params": nn.meta.unbox(params)}
     decoder = Decoder(config, padded_rows=padded_rows)
-    return decoder.apply(variables, tokens_BxT, positions_BxT, segment_ids_BxT, branch_ids_BxT)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    return decoder.apply(
+        variables_of(params),
+        tokens_BxT,
+        positions_BxT,
+        segment_ids_BxT,
+        branch_ids_BxT,
+        rngs=rngs,
+    )
 
 
 def unembedding(config: ModelConfig, params: Params) -> jax.Array:
     """The [D, V] output matrix in param dtype: embedding.T when tied, else the lm_head kernel."""
-    params = nn.meta.unbox(params)
+    params = base_params(params)
     if config.tie_word_embeddings:
         return params["embed"]["embedding"].T
     return params["lm_head"]["kernel"]
@@ -251,7 +300,7 @@ def decode_step(
     tokens_BxT, positions_BxT = jnp.asarray(tokens_BxT), jnp.asarray(positions_BxT)
     if valid_BxT is None:
         valid_BxT = jnp.ones(tokens_BxT.shape, bool)
-    variables = {"params": nn.meta.unbox(params), "cache": cache}
+    variables = variables_of(params) | {"cache": cache}
     h_BxTxD, updated = Decoder(config, decode=True).apply(
         variables, tokens_BxT, positions_BxT, jnp.asarray(valid_BxT, jnp.int32), mutable=["cache"]
     )

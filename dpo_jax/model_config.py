@@ -71,10 +71,24 @@ class ModelConfig:
     max_segments_per_row: int | None = None
     remat_policy: Literal["none", "dots_saveable", "full"] = "none"
     scan_layers: bool = True
+    # LoRA (dpo_jax.lora): the projections named in lora_targets get a rank-r update
+    # (alpha / r) · B(A(dropout(x))), whose A and B live in the "lora" collection; 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+
+    def lora_for(self, projection: str) -> tuple[int, float, float] | None:
+        """(rank, alpha / rank, dropout) of `projection` (e.g. "q_proj"), or None: no adapter."""
+        if self.lora_rank <= 0 or projection not in self.lora_targets:
+            return None
+        return self.lora_rank, self.lora_alpha / self.lora_rank, self.lora_dropout
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):  # keep the config hashable
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.lora_targets, list):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} not a multiple of {self.num_kv_heads=}")
         if self.remat_policy not in REMAT_POLICIES:

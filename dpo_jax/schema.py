@@ -111,9 +111,26 @@ def default_config() -> ml_collections.ConfigDict:
         {"simpo_gamma": 0.5, "discopop_tau": 0.05, "bco_delta": 0.0}
     )
     c.training.gradient_checkpointing = True  # remat the layers (model.remat_policy)
+    # TR-DPO (TRL's names): every ref_model_sync_steps steps the reference becomes
+    # ref_model_mixup_alpha · policy + (1 - alpha) · reference. Full fine-tuning only, and
+    # not with precompute_ref_log_probs (a fixed reference).
+    c.training.sync_ref_model = False
+    c.training.ref_model_mixup_alpha = 0.6
+    c.training.ref_model_sync_steps = 512
     # A step whose loss or gradients are not finite never updates the weights. stop: end the
     # run there (exit 1, the last checkpoint kept); skip: count it and go on.
     c.training.nonfinite = "stop"
+
+    # LoRA (rank > 0): only rank-r adapters on lora.targets train; the reference is the
+    # frozen base with the adapters off (no second copy of the weights), and checkpoints
+    # hold the adapters and their optimizer state. quantization stores the frozen base as
+    # int8 or nf4 (QLoRA: 4-bit NormalFloat, dequantized in each layer's matmul).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # on the adapters' input, training steps only
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    c.lora.quantization = "none"  # none | int8 | nf4 (the frozen base's storage)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # pure data parallelism

@@ -12,12 +12,13 @@ import math
 
 import ml_collections
 
-from dpo_jax import hf, losses, optim
+from dpo_jax import hf, losses, optim, quant
 from dpo_jax.data import DataError, DataSettings
 from dpo_jax.data import cache as data_cache
 from dpo_jax.data.sources import parse_mapping, split_list
+from dpo_jax.lora import TARGETS, LoraSettings
 from dpo_jax.sharding import MeshError, mesh_rules
-from dpo_jax.step import SFT_NORMALIZATIONS, LossConfig, metric_names
+from dpo_jax.step import SFT_NORMALIZATIONS, LossConfig, RefSync, metric_names
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ class ModelSettings:
     remat_policy: str
     # Sequences per packed row at most, when cuDNN's packed layout may use it (None = mask).
     max_segments_per_row: int | None
+    lora: LoraSettings = LoraSettings()  # rank 0: full fine-tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +153,12 @@ class Settings:
     samples: SampleSettings
     precompute_reference: bool  # reference log-probs computed once, not in the step
     resolved: dict  # the whole config as JSON values (config.json, checkpoints, W&B)
+    ref_sync: RefSync | None = None  # TR-DPO
 
     @property
     def reference_on_device(self) -> bool:
-        """Whether frozen reference weights sit next to the policy (its forward in the step)."""
+        """Whether the step runs a reference forward: frozen reference weights next to the
+        policy (with LoRA the base itself; with TR-DPO the state's reference)."""
         return self.loss.needs_reference and not self.precompute_reference
 
 
@@ -169,6 +173,7 @@ class BenchSettings:
     warmup_steps: int  # untimed steps after compilation
     steps: int  # timed steps (median reported)
     seed: int  # pair generator
+    estimate_only: bool = False  # print the memory estimate from shapes; run nothing
 
 
 def keep_best_settings(c, loss: LossConfig, data: DataSettings) -> KeepBest | None:
@@ -248,6 +253,69 @@ def packed_segments_bound(d) -> int | None:
     return bound
 
 
+def lora_settings(config) -> LoraSettings:
+    """config.lora (absent in configs older than LoRA: full fine-tuning)."""
+    section = _get(config, "lora", None)
+    if section is None:
+        return LoraSettings()
+    rank = _number(section, "rank", "lora.rank", int, 0)
+    _check(rank >= 0, "lora.rank", rank, "0 (full fine-tuning) or the adapters' rank, e.g. 8")
+    alpha = _number(section, "alpha", "lora.alpha", float, 16.0)
+    _check(alpha > 0, "lora.alpha", alpha, "a positive scale (the update is alpha / rank)")
+    dropout = _number(section, "dropout", "lora.dropout", float, 0.0)
+    _check(0.0 <= dropout < 1.0, "lora.dropout", dropout, "a rate in [0, 1)")
+    targets = as_tuple(_get(section, "targets", ",".join(TARGETS)), str) or ()
+    unknown = sorted(set(targets) - set(TARGETS))
+    _check(
+        bool(targets) and not unknown,
+        "lora.targets",
+        _get(section, "targets"),
+        f"a comma-separated subset of {','.join(TARGETS)}",
+    )
+    quantization = str(_get(section, "quantization", "none"))
+    _check(
+        quantization in quant.QUANTIZATIONS,
+        "lora.quantization",
+        quantization,
+        f"one of {', '.join(quant.QUANTIZATIONS)} (nf4: QLoRA's 4-bit base)",
+    )
+    _check(
+        quantization == "none" or rank > 0,
+        "lora.quantization",
+        quantization,
+        "quantizes the frozen base of LoRA; set lora.rank > 0 (full fine-tuning trains every "
+        "weight) or keep none",
+    )
+    ordered = tuple(name for name in TARGETS if name in targets)
+    return LoraSettings(rank, alpha, dropout, ordered, quantization)
+
+
+def ref_sync_settings(config, loss: LossConfig, lora: LoraSettings) -> RefSync | None:
+    """training.sync_ref_model and its two numbers (TR-DPO), or None."""
+    t = config.training
+    if not bool(_get(t, "sync_ref_model", False)):
+        return None
+    every = _number(t, "ref_model_sync_steps", "training.ref_model_sync_steps", int, 512)
+    _check(every >= 1, "training.ref_model_sync_steps", every, "a positive number of steps")
+    alpha = _number(t, "ref_model_mixup_alpha", "training.ref_model_mixup_alpha", float, 0.6)
+    _check(0.0 < alpha <= 1.0, "training.ref_model_mixup_alpha", alpha, "a weight in (0, 1]")
+    why = None
+    if lora.enabled:
+        why = (
+            "with LoRA the reference is the frozen base itself (no copy to move); set "
+            "lora.rank=0 for TR-DPO"
+        )
+    elif not loss.needs_reference:
+        why = "the loss uses no reference model"
+    elif bool(_get(t, "precompute_ref_log_probs", False)):
+        why = (
+            "precomputed reference log-probs are of a fixed reference; set "
+            "training.precompute_ref_log_probs=False"
+        )
+    _check(why is None, "training.sync_ref_model", True, f"cannot be used: {why}")
+    return RefSync(every=every, alpha=alpha)
+
+
 def model_settings(config) -> ModelSettings:
     m = config.model
     remat = m.remat_policy
@@ -274,6 +342,7 @@ def model_settings(config) -> ModelSettings:
         attention_impl=m.attention_impl or None,
         remat_policy=remat,
         max_segments_per_row=packed_segments_bound(config.data),
+        lora=lora_settings(config),
     )
 
 
@@ -517,8 +586,9 @@ def _from_config(config) -> Settings:
     max_to_keep = _number(c, "max_to_keep", "checkpoint.max_to_keep", int)
     _check(max_to_keep > 0, "checkpoint.max_to_keep", max_to_keep, "at least 1 checkpoint")
     data = data_settings(config.data, int(config.model.max_length))
+    model = model_settings(config)
     return Settings(
-        model=model_settings(config),
+        model=model,
         loss=loss,
         optim=optim_settings(config.training),
         data=data,
@@ -543,6 +613,7 @@ def _from_config(config) -> Settings:
         precompute_reference=loss.needs_reference
         and bool(config.training.precompute_ref_log_probs),
         resolved=resolved(config),
+        ref_sync=ref_sync_settings(config, loss, model.lora),
     )
 
 
@@ -573,6 +644,7 @@ def bench_settings(config) -> BenchSettings:
         warmup_steps=number("warmup_steps"),
         steps=number("steps"),
         seed=number("seed"),
+        estimate_only=bool(_get(b, "estimate_only", False)),
     )
     _check(result.steps > 0, "bench.steps", result.steps, "at least 1 timed step")
     _check(result.warmup_steps >= 0, "bench.warmup_steps", result.warmup_steps, "0 or more")

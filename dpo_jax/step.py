@@ -86,6 +86,35 @@ class TrainState:
     # first such step (-1: none). Checked in the step; the host reads them with the metrics.
     nonfinite_steps: jax.Array = dataclasses.field(default_factory=_no_steps)
     first_nonfinite_step: jax.Array = dataclasses.field(default_factory=_never)
+    # TR-DPO (RefSync): the reference's weights, which the step mixes towards the policy, so
+    # they are state and checkpointed. None otherwise (the reference is then frozen and
+    # passed beside the state, or the LoRA base, or precomputed log-probs).
+    reference: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RefSync:
+    """TR-DPO (TRL's sync_ref_model): after every `every` steps the reference becomes
+    alpha · policy + (1 - alpha) · reference."""
+
+    every: int
+    alpha: float
+
+
+def synced_reference(reference, params, new_step, sync: RefSync):
+    """The reference after step `new_step` - 1 has updated the policy to `params`."""
+
+    def mix(trees):
+        ref, policy = trees
+        return jax.tree.map(
+            lambda r, p: (
+                sync.alpha * p.astype(jnp.float32) + (1.0 - sync.alpha) * r.astype(jnp.float32)
+            ).astype(r.dtype),
+            ref,
+            policy,
+        )
+
+    return jax.lax.cond(new_step % sync.every == 0, mix, lambda t: t[0], (reference, params))
 
 
 def sequence_stats(
@@ -95,6 +124,7 @@ def sequence_stats(
     chunk_size: int,
     padded_rows: bool = False,
     ld_alpha: float = 1.0,
+    dropout_rng=None,
 ):
     """Per-sequence summed completion log-probs, completion lengths, summed mean-logits and
     token-statistic sums {"entropy", "top1", "aligned"} over completion tokens ([S] each; see
@@ -105,7 +135,8 @@ def sequence_stats(
     so the [R·T, V] logits never exist in memory. `padded_rows` promises one sequence per
     row from index 0 (padded batches), which lets attention take row lengths, not a mask.
     Prefix-shared batches (branch_ids) add one prediction per pair: the rejected reply's
-    first token from the prompt's last position (extra_index, extra_label)."""
+    first token from the prompt's last position (extra_index, extra_label). `params` may
+    be a model.Adapted LoRA policy; `dropout_rng` turns its adapter dropout on."""
     hidden_RxTxD = model.hidden_states(
         model_config,
         params,
@@ -114,6 +145,7 @@ def sequence_stats(
         batch["segment_ids"],
         branch_ids_BxT=batch.get("branch_ids"),
         padded_rows=padded_rows,
+        dropout_rng=dropout_rng,
     )
     num_rows, row_length, width = hidden_RxTxD.shape
     hidden_MxD = hidden_RxTxD.reshape(num_rows * row_length, width)
@@ -206,6 +238,7 @@ def pair_sums(
     batch,
     padded_rows: bool = False,
     at_reference=None,
+    dropout_rng=None,
 ):
     """(Σ loss over valid pairs, {metric: Σ over valid pairs, count/…: denominators}).
 
@@ -220,6 +253,7 @@ def pair_sums(
         loss_config.logits_chunk_size,
         padded_rows,
         loss_config.ld_alpha,
+        dropout_rng,
     )
     if at_reference is not None and ref_logps_S is not None:
         ref_logps_S = jnp.where(at_reference, jax.lax.stop_gradient(policy_S), ref_logps_S)
@@ -316,7 +350,7 @@ def finalize(sums: dict) -> dict:
 
 def train_step(
     state: TrainState,
-    ref_params,
+    frozen,
     batch_A: dict,
     *,
     model_config: ModelConfig,
@@ -326,11 +360,21 @@ def train_step(
     padded_rows: bool = False,
     skip_nonfinite: bool = False,
     last_step_at_reference: int = -1,
+    adapters: bool = False,
+    ref_sync: RefSync | None = None,
+    dropout_seed: int | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over A micro-batches (leading axis of every batch array);
     `padded_rows` when the batches are padded, one sequence per row (not packed). Steps up
     to `last_step_at_reference` (optim.last_step_at_reference: no update has moved the
     weights yet) use the policy's log-probs as the reference's (pair_sums).
+
+    `frozen`: the frozen reference's weights (None when the batches carry precomputed
+    reference log-probs, or the loss needs no reference); with `adapters` (LoRA) the
+    frozen base instead, state.params being the adapters: the policy is
+    model.Adapted(base, adapters) and the reference the base itself. With `ref_sync`
+    (TR-DPO) the reference is state.reference, mixed towards the policy after the update.
+    `dropout_seed`: LoRA dropout's rng, derived from (seed, step, micro-batch).
 
     A step whose loss or gradients are not finite applies no update (the state stays the
     last finite one) and is counted. With `skip_nonfinite` False the state then freezes:
@@ -344,11 +388,26 @@ def train_step(
     chosen_tokens = jnp.maximum(jnp.sum(chosen), 1).astype(jnp.float32)
 
     at_reference = state.step <= last_step_at_reference
+    reference = state.reference if ref_sync is not None else frozen
 
-    def objective(params, micro_batch):
-        ref_S = reference_logps(model_config, ref_params, micro_batch, loss_config, padded_rows)
+    def policy(trainable):
+        return model.Adapted(frozen, trainable) if adapters else trainable
+
+    def objective(params, micro_batch, index=0):
+        rng = None
+        if dropout_seed is not None:
+            rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+            rng = jax.random.fold_in(rng, index)
+        ref_S = reference_logps(model_config, reference, micro_batch, loss_config, padded_rows)
         _, sums = pair_sums(
-            model_config, loss_config, params, ref_S, micro_batch, padded_rows, at_reference
+            model_config,
+            loss_config,
+            policy(params),
+            ref_S,
+            micro_batch,
+            padded_rows,
+            at_reference,
+            rng,
         )
         share = sums["loss"] / pairs
         if loss_config.token_sft:
@@ -357,9 +416,10 @@ def train_step(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def accumulate(carry, micro_batch):
+    def accumulate(carry, indexed):
         grads_sum, sums = carry
-        (_, micro_sums), grads = grad_fn(state.params, micro_batch)
+        index, micro_batch = indexed
+        (_, micro_sums), grads = grad_fn(state.params, micro_batch, index)
         return (
             jax.tree.map(jnp.add, grads_sum, grads),
             jax.tree.map(jnp.add, sums, micro_sums),
@@ -371,7 +431,10 @@ def train_step(
         jax.eval_shape(lambda: objective(state.params, first)[1]),
     )
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    (grads_sum, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), batch_A)
+    num_micro = jax.tree.leaves(batch_A)[0].shape[0]
+    (grads_sum, sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_sums), (jnp.arange(num_micro), batch_A)
+    )
 
     grads = grads_sum  # the micro-batches' shares add up to the step's mean loss
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -389,12 +452,17 @@ def train_step(
         (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
     )
     metrics["nonfinite_steps"] = nonfinite_steps.astype(jnp.float32)
+    new_params = jax.tree.map(keep, params, state.params)
+    new_reference = state.reference
+    if ref_sync is not None:
+        new_reference = synced_reference(state.reference, new_params, state.step + 1, ref_sync)
     new_state = TrainState(
         step=state.step + 1,
-        params=jax.tree.map(keep, params, state.params),
+        params=new_params,
         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         nonfinite_steps=nonfinite_steps,
         first_nonfinite_step=first,
+        reference=new_reference,
     )
     return new_state, metrics
 
@@ -420,13 +488,17 @@ def jit_train_step(
     shardings: TrainState,
     mesh,
     *,
-    reference_on_device: bool,
+    frozen_shardings,
     padded_rows: bool,
     skip_nonfinite: bool = False,
     last_step_at_reference: int = -1,
+    ref_sync: RefSync | None = None,
+    dropout_seed: int | None = None,
 ):
     """train_step jitted with the state's shardings (donated) and replicated metrics: the
-    trainer's step and the benchmark's are this one program."""
+    trainer's step and the benchmark's are this one program. `frozen_shardings`: those of
+    train_step's `frozen` argument (None when it is None); LoRA when the model config has
+    adapters."""
     return jax.jit(
         functools.partial(
             train_step,
@@ -437,8 +509,11 @@ def jit_train_step(
             padded_rows=padded_rows,
             skip_nonfinite=skip_nonfinite,
             last_step_at_reference=last_step_at_reference,
+            adapters=model_config.lora_rank > 0,
+            ref_sync=ref_sync,
+            dropout_seed=dropout_seed,
         ),
-        in_shardings=(shardings, shardings.params if reference_on_device else None, None),
+        in_shardings=(shardings, frozen_shardings, None),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )

@@ -30,6 +30,7 @@ from dpo_jax import (
     export,
     faults,
     hf,
+    lora,
     memory,
     metrics_log,
     model,
@@ -151,12 +152,18 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
     # --- optimizer, state, reference
     optim_config = s.optim.for_steps(total_steps)
     optimizer, schedule = optim.make_optimizer(optim_config), optim.make_schedule(optim_config)
-    shardings = state.state_shardings(model_config, optimizer, mesh, s.mesh.rules)
+    adapters = s.model.lora.enabled
+    shardings = state.state_shardings(
+        model_config, optimizer, mesh, s.mesh.rules, with_reference=s.ref_sync is not None
+    )
+    # What the step reads but never updates: the LoRA base (policy and reference both), or
+    # the frozen reference's weights; TR-DPO's reference is in the state instead.
+    frozen_shardings = state.frozen_shardings(s, model_config, mesh, shardings)
     memory.check_state_fits(
         state.abstract_state(model_config, optimizer, shardings),
         model_config,
         mesh,
-        reference_on_device=s.reference_on_device,
+        frozen=state.abstract_frozen(s, model_config, frozen_shardings),
         rows=iterator.rows,
         row_length=iterator.pack_length,
         logits_chunk_size=s.loss.logits_chunk_size,
@@ -164,10 +171,21 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
     train_state = state.init_state(s.model, model_config, s.loop.seed, optimizer, shardings)
     # Reference = the initial policy (also on resume: the checkpoint is restored below).
     # Either frozen copies of its weights (never donated, never in the optimizer), or its
-    # log-probs computed once here and carried in the batches.
-    ref_params = None
-    if s.reference_on_device:
-        ref_params = state.copy_params(train_state.params, shardings.params)
+    # log-probs computed once here and carried in the batches. With LoRA it is the base.
+    frozen, base_identity = state.frozen_weights(
+        s, model_config, mesh, train_state, frozen_shardings
+    )
+
+    def policy():
+        """The trained policy's weights (LoRA: the base with the state's adapters)."""
+        return model.Adapted(frozen, train_state.params) if adapters else train_state.params
+
+    def reference_weights():
+        """The reference's weights now (None when only precomputed log-probs are kept)."""
+        if s.ref_sync is not None:
+            return train_state.reference
+        return frozen if s.reference_on_device else None
+
     eval_reference = {}
     sampler = samples.make_sampler(
         workdir, s.samples, model_config, tokenizer, s.data.apply_chat_template
@@ -175,7 +193,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
     if s.precompute_reference:
         train_table, eval_reference = reference.precompute(
             jit_reference_logps(model_config, s.loss.logits_chunk_size, mesh, s.loss.ld_alpha),
-            train_state.params,
+            frozen if adapters else train_state.params,
             iterator.pairs,
             eval_sets,
             model_config=model_config,
@@ -187,7 +205,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         )
         iterator.attach_reference(train_table)
         if sampler is not None:  # the reference's replies, while its weights are at hand
-            sampler.sample_reference(train_state.params)
+            sampler.sample_reference(frozen if adapters else train_state.params)
 
     # --- resume
     writer = metrics_log.MetricsWriter(workdir, total_steps, enabled=lead)
@@ -198,6 +216,8 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             log=lambda line: print(line, flush=True) if lead else None,
         )
         iterator.restore(position)
+        if adapters:
+            checkpoint.check_base(ckpt.read_base(start_step), base_identity, start_step)
         if lead:
             metrics_log.truncate_logs_after(workdir, start_step)
         print(
@@ -219,10 +239,12 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         schedule,
         shardings,
         mesh,
-        reference_on_device=s.reference_on_device,
+        frozen_shardings=frozen_shardings,
         padded_rows=not iterator.packing,
         skip_nonfinite=s.loop.skip_nonfinite,
         last_step_at_reference=optim.last_step_at_reference(schedule, total_steps),
+        ref_sync=s.ref_sync,
+        dropout_seed=s.loop.seed if adapters and s.model.lora.dropout > 0 else None,
     )
     eval_fn = jit_eval_sums(model_config, s.loss)
     if lead:
@@ -247,8 +269,8 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             )
             metrics = evaluate.eval_means(
                 eval_fn,
-                train_state.params,
-                ref_params,
+                policy(),
+                reference_weights(),
                 batches,
                 mesh=mesh,
                 what=f"eval {name or 'validation'}",
@@ -258,7 +280,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         writer.write(step, eval_metrics)
 
     def sample(step):
-        sample_metrics = sampler(step, train_state.params, ref_params)
+        sample_metrics = sampler(step, policy(), reference_weights())
         if sample_metrics:
             eval_metrics.update(sample_metrics)
             writer.write(step, sample_metrics)
@@ -315,7 +337,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
             while step < total_steps:
                 (batch, totals), position = next(batches)
                 window.add(totals)
-                train_state, metrics = step_fn(train_state, ref_params, batch)
+                train_state, metrics = step_fn(train_state, frozen, batch)
                 if pending is not None:
                     flush(pending)
                     pending = None
@@ -345,7 +367,9 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
                     sample(step)
                 if save_now:
                     ranked = dict(eval_metrics) if eval_now else None
-                    ckpt.save(step, train_state, position, s.resolved, metrics=ranked)
+                    ckpt.save(
+                        step, train_state, position, s.resolved, metrics=ranked, base=base_identity
+                    )
                 if stop:
                     print(
                         f"pre-empted: saved step {step}; re-run the same command to resume",
@@ -386,18 +410,21 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
         export.write_hf(
             out,
             model_config,
-            train_state.params,
+            policy(),
             s.model.name,
             tokenizer=s.tokenizer if s.tokenizer != s.model.name else None,
             dtype=s.checkpoint.export_dtype,
+            mesh_rules=(mesh, s.mesh.rules),
         )
         if lead:
             print(f"exported: {out}", flush=True)
+            if adapters:
+                print(f"exported the PEFT adapter: {lora.adapter_folder(out)}", flush=True)
     if lead and s.logging.report:
         print(f"report: {html_report.write_report(workdir)}", flush=True)
     return TrainResult(
         train_state,
-        ref_params,
+        reference_weights(),
         eval_metrics,
         completed=step == total_steps,
         stop_signal=ckpt.stop_signal,
@@ -405,7 +432,7 @@ def _run(s: Settings, workdir: str, devices, allow_changed: tuple) -> TrainResul
 
 
 # Exit statuses (dpo_jax.cli): 2 for input that cannot run, 1 for a run that failed.
-BAD_INPUT = (*settings.USER_ERRORS, checkpoint.WorkdirBusy)
+BAD_INPUT = (*settings.USER_ERRORS, checkpoint.WorkdirBusy, checkpoint.BaseMismatch)
 RUN_FAILURES = (NonFiniteError, checkpoint.CheckpointError, metrics_log.LogError)
 
 

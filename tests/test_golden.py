@@ -87,7 +87,7 @@ def golden_run(devices: int = 1, **extra) -> dict[int, dict[str, float]]:
         schedule,
         shardings,
         mesh,
-        reference_on_device=True,
+        frozen_shardings=shardings.params,
         padded_rows=True,
         last_step_at_reference=optim.last_step_at_reference(schedule, s.loop.max_steps),
     )
