@@ -6,8 +6,9 @@ Each input line is a bare JSON result, or {"case": NAME, "command": ..., "result
 benchmarks/gpu_check.sh writes it ({"case", "command", "error"} for a run that gave none).
 Prints the environment, a Markdown table in RESULTS.md's format (one row per run), then the
 pairs: runs of the same workload (the PAIR_KEYS fields: model, lengths, pairs per step,
-precision policy, reference mode) are compared dpo_jax against TRL, whatever each trainer did
-to run it (packing, remat), and those differences are named next to the ratio.
+precision policy, reference mode, LoRA rank and base quantization) are compared dpo_jax
+against TRL, whatever each trainer did to run it (packing, remat), and those differences are
+named next to the ratio.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ PAIR_KEYS = (
     "seed",
     "precision",
     "precompute_ref_log_probs",
+    "lora_rank",
+    "quantization",
 )
+# What a result line without a PAIR_KEYS field ran (lines written before LoRA existed).
+PAIR_DEFAULTS = {"lora_rank": 0, "quantization": "none"}
 # How a trainer ran it: named in a pair's line when set.
 HOW_KEYS = ("packing", "prefix_sharing", "cudnn_packed_layout", "remat_policy", "attention_impl")
 
@@ -122,7 +127,8 @@ def pairs(results) -> list[str]:
     """One line per (dpo_jax, trl) pair of runs of the same workload."""
     groups: dict[tuple, list] = {}
     for r in results:
-        groups.setdefault(tuple(r.get(key) for key in PAIR_KEYS), []).append(r)
+        key = tuple(r.get(key, PAIR_DEFAULTS.get(key)) for key in PAIR_KEYS)
+        groups.setdefault(key, []).append(r)
     lines = []
     for group in groups.values():
         ours = [r for r in group if r.get("trainer") == "dpo_jax"]

@@ -363,6 +363,9 @@ def run(args) -> dict:
         "device": device_name,
         "devices": 1,
         "params": params,
+        "trainable_params": params,  # full fine-tuning: this script runs no PEFT adapters
+        "lora_rank": 0,
+        "quantization": "none",
         "pairs_per_step": args.pairs_per_step,
         "compile_s": round(setup_s + first_step_s, 2),
         "step_s": round(step_s, 4),

@@ -3,7 +3,7 @@
     python -m dpo_jax.train --config configs/llama3_1_8b_qlora.py --workdir runs/llama3_1_8b_qlora
 
 A gated model: accept its licence on the Hub and `hf auth login` first.
-The frozen base is stored as 4-bit NormalFloat (~5.9 GB with its scales, the embeddings and
+The frozen base is stored as 4-bit NormalFloat (6.0 GB = 5.61 GiB by the memory estimate, with its scales, the embeddings and
 the head in bfloat16), dequantized layer by layer in each matmul; rank-16 adapters on every
 projection are all that trains (42M weights, with their float32 Adam moments ~0.5 GB). The
 reference is the base with the adapters off, so no second copy of the weights exists and no

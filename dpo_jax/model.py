@@ -50,6 +50,7 @@ this module re-exports the latter, so callers import everything model-related fr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -170,6 +171,9 @@ class Decoder(nn.Module):
 
 def _init(config: ModelConfig, rng: jax.Array) -> dict:
     tokens = jnp.zeros((1, 1), jnp.int32)
+    # The weights do not depend on the attention kernel; XLA's traces anywhere, so shapes
+    # (a memory estimate, an abstract state) come out on a machine without cuDNN too.
+    config = dataclasses.replace(config, attention_impl="xla")
     return Decoder(config).init(rng, tokens, tokens, jnp.ones_like(tokens))
 
 

@@ -60,13 +60,39 @@ def launch_args(workdir, small_train, small_validation, cache_dir):
 
 def launch_env():
     # Each process sets its own device count; don't inherit the test session's 8.
+    # PYTHONFAULTHANDLER: a trainer sent SIGABRT prints every thread's stack (see run_to_end).
     return dict(
         os.environ,
         PYTHON=sys.executable,
         XLA_FLAGS="",
         DEVICES_PER_PROCESS="4",
         DPO_JAX_PORT=str(free_port()),
+        PYTHONFAULTHANDLER="1",
     )
+
+
+def run_to_end(args, env) -> tuple[int, str]:
+    """(exit status, stdout + stderr) of the launcher run to its end. Past DEADLINE_S the
+    trainers are stuck, not slow: each is sent SIGABRT, so the failure shows where every
+    thread of both waited, then the whole process group is killed (subprocess.run's timeout
+    would kill only the launcher and leave both trainers spinning through the rest of CI)."""
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output = process.communicate(timeout=DEADLINE_S)[0]
+    except subprocess.TimeoutExpired:
+        abort_stuck(process, lambda: process.communicate()[0].decode(errors="replace"))
+    return process.returncode, output.decode(errors="replace")
+
+
+def abort_stuck(process, read_output) -> None:
+    """Fails the test with the stacks of a launcher's stuck trainers (its own session)."""
+    os.killpg(process.pid, signal.SIGABRT)
+    time.sleep(10)  # faulthandler writes the tracebacks before each process ends
+    os.killpg(process.pid, signal.SIGKILL)
+    output = read_output()
+    pytest.fail(f"the launcher ran past {DEADLINE_S} s; its last output:\n{output[-12000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -104,19 +130,17 @@ def test_two_processes_killed_and_resumed_match_one_process(
     assert os.path.isdir(checkpoint), output[-3000:]
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS))), "killed too late"
 
-    finished = subprocess.run(
-        args, env=launch_env(), capture_output=True, text=True, timeout=DEADLINE_S
-    )
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    assert "resumed from step" in finished.stdout
+    returncode, finished = run_to_end(args, launch_env())
+    assert returncode == 0, finished[-6000:]
+    assert "resumed from step" in finished
     # Tokenized once: process 0 filled the cache while process 1 waited, then read it.
     assert f"data: process 0 tokenized {small_train}, {small_validation}" in output
     assert "data: process 1 read the tokenized data from the cache" in output
     assert "process 1 tokenized" not in output
     assert f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs computed" in output
     loaded = f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs loaded"
-    assert loaded in finished.stdout
-    assert "'data': 1, 'fsdp': 8" in finished.stdout  # one mesh over both processes
+    assert loaded in finished
+    assert "'data': 1, 'fsdp': 8" in finished  # one mesh over both processes
 
     expected, got = read_metrics(single_process), read_metrics(workdir)
     assert [r["step"] for r in expected] == [r["step"] for r in got]
@@ -168,10 +192,14 @@ def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one
     # and a late signal still stops both at one step, only a later one (steps 4-5).
     env = launch_env() | {"DPO_JAX_PAUSE_AT_STEP": "3", "DPO_JAX_PAUSE_SECONDS": "8"}
     with open(log_path, "w") as log:
-        launcher = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.time() + DEADLINE_S
     while "paused at step 3" not in log_path.read_text(errors="replace"):
-        assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        assert launcher.poll() is None, log_path.read_text()[-3000:]
+        if time.time() > deadline:
+            abort_stuck(launcher, lambda: log_path.read_text(errors="replace"))
         time.sleep(0.05)
     found = subprocess.run(
         ["pgrep", "-f", "--", f"--workdir {workdir} .*--process_id=1"],
@@ -180,7 +208,11 @@ def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one
     )
     (second,) = [int(pid) for pid in found.stdout.split()]
     os.kill(second, signal.SIGTERM)
-    assert launcher.wait(timeout=DEADLINE_S) == 128 + signal.SIGTERM
+    try:
+        launcher.wait(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        abort_stuck(launcher, lambda: log_path.read_text(errors="replace"))
+    assert launcher.returncode == 128 + signal.SIGTERM
     output = log_path.read_text(errors="replace")
     # Both processes print it into one log, so their lines may interleave mid-line
     # ("...resumepre-empted: ..."): found anywhere in the text, not at line starts.
@@ -189,11 +221,9 @@ def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one
     step = int(saved[0])
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and step < STEPS
 
-    finished = subprocess.run(
-        args, env=launch_env(), capture_output=True, text=True, timeout=DEADLINE_S
-    )
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    assert f"resumed from step {step} " in finished.stdout
+    returncode, finished = run_to_end(args, launch_env())
+    assert returncode == 0, finished[-6000:]
+    assert f"resumed from step {step} " in finished
     expected, got = read_metrics(single_process), read_metrics(workdir)
     assert [r["step"] for r in expected] == [r["step"] for r in got]
     for a, b in zip(expected, got, strict=True):
