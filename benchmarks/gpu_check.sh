@@ -16,6 +16,9 @@
 #   b_trl   the same pairs through TRL (padded to the longest row of the batch)
 #   d_jax   Llama-3.1-8B shape, precomputed reference log-probs, bf16 weights and Adam,
 #           8 rows of 1024 = 8192 tokens per micro-batch, full remat
+#   q_jax   Llama-3.1-8B shape, QLoRA: rank-16 adapters on all 7 projections of a frozen
+#           NF4 base (the reference = the base with adapters off), 4 pairs of 512 + 512,
+#           full remat (issue 15; the CPU estimate is 10.9 GiB)
 #   c_jax   "a" with fp32 master weights and fp32 Adam (bf16 compute): memory against a_jax
 #   c_trl   "c" through TRL (--param_dtype float32: fp32 master and AdamW, bf16 autocast)
 #   e_jax   "a" with remat dots_saveable (against a_jax's none)
@@ -38,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-RUNS=${RUNS:-a_jax a_trl b_jax b_trl d_jax c_jax c_trl e_jax f_jax g_jax b16_jax b16_trl}
+RUNS=${RUNS:-a_jax a_trl b_jax b_trl d_jax q_jax c_jax c_trl e_jax f_jax g_jax b16_jax b16_trl}
 PRESET=${PRESET:-llama3_2_1b}
 BIG_PRESET=${BIG_PRESET:-llama3_1_8b}
 STEPS=${STEPS:-5}
@@ -115,6 +118,8 @@ command_of() {  # run name -> command line (its flags are meant to split)
     c_trl) trl --param_dtype float32 ;;
     d_jax) ours "$BIG_PRESET" --config.training.precompute_ref_log_probs=True \
       --config.model.remat_policy=full ;;
+    q_jax) ours "$BIG_PRESET" --config.lora.rank=16 --config.lora.quantization=nf4 \
+      --config.model.remat_policy=full ;;
     e_jax) ours "$PRESET" --config.model.remat_policy=dots_saveable ;;
     f_jax) ours "$PRESET" --config.bench.lengths=hh --config.training.batch_size=8 \
       --config.data.packing=True --config.data.prefix_sharing=True ;;
@@ -128,13 +133,13 @@ command_of() {  # run name -> command line (its flags are meant to split)
 }
 min_of() {  # run name -> the fewest seconds worth starting it with
   case $1 in
-    d_jax) echo 150 ;;  # the 8B run: start-up, compile and steps
+    d_jax | q_jax) echo 150 ;;  # the 8B runs: start-up, compile and steps
     *) echo "$MIN_RUN" ;;
   esac
 }
 timeout_of() {  # run name -> its own limit in seconds (start-up and compilation included)
   case $1 in
-    d_jax) echo 200 ;;
+    d_jax | q_jax) echo 200 ;;
     *_jax) echo 150 ;;
     *) echo 120 ;;
   esac

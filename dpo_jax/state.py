@@ -187,8 +187,12 @@ def load_base(m: ModelSettings, config: ModelConfig, seed: int, mesh, rules):
         0
     ]
     del params
-    for (path, leaf), leaf_target in zip(flat, targets, strict=True):
+    for i, leaf_target in enumerate(targets):
+        # Take the float leaf out of `flat` first: a reference left there would keep every
+        # float kernel alive until the end, the float and the quantized base side by side.
+        (path, leaf), flat[i] = flat[i], None
         hf.set_path(quantized, tuple(entry.key for entry in path), place(path, leaf, leaf_target))
+        del leaf
     return quantized, fingerprint
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from dpo_jax import bench, settings, state, throughput
+from dpo_jax import bench, lora, memory, settings, state, throughput
 
 # Every field a result must carry (benchmarks/trl_dpo.py prints the same ones).
 FIELDS = (
@@ -213,3 +213,60 @@ def test_segment_bound_follows_the_trainers_rule_and_the_packer_keeps_it():
         bench.segments_cap(shared) == 2
         and bench.model_config_for(shared).max_segments_per_row is None
     )
+
+
+def test_qlora_benchmark_trains_only_the_adapters_on_a_4bit_base():
+    """The tiny QLoRA case runs the trainer's step: the figures are finite, the result says
+    what ran, and only the adapters count as trainable."""
+    lora_settings = {"lora.rank": 4, "lora.alpha": 8.0, "lora.quantization": "nf4"}
+    config = load_config("bench", **HH, **lora_settings)
+    result = bench.run(config, devices=jax.devices()[:1])
+    assert_positive_finite(result)
+    assert math.isfinite(result["loss"])
+    assert result["lora_rank"] == 4 and result["quantization"] == "nf4"
+    model_config = bench.model_config_for(bench.workload(config))
+    assert result["trainable_params"] == lora.adapter_count(model_config)
+    assert result["trainable_params"] < result["params"] // 5
+
+
+# Llama-3.1-8B by hand (its HF config: width 4096, MLP 14336, 32 layers, 8 KV heads of 128,
+# vocabulary 128256, untied head). The 7 projections of a layer, then everything else.
+LLAMA_8B_PROJECTIONS = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+LLAMA_8B_OTHER = 2 * 128256 * 4096 + (2 * 32 + 1) * 4096  # embedding, head, RMSNorm scales
+# Rank-r adapters hold r·(in + out) per projection.
+LLAMA_8B_ADAPTERS_PER_RANK = 32 * (2 * 8192 + 2 * 5120 + 3 * 18432)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
+def test_8b_lora_memory_estimate_follows_the_stored_bytes(quantization):
+    """estimate_only on Llama-3.1-8B's shapes (nothing allocated): the frozen base costs
+    0.5 (NF4) or 1 (int8) byte per projection weight plus a float32 scale per 64-element
+    block, 2 bytes (bf16) for the rest and for an unquantized base; the adapters and their two
+    Adam moments are 2 bytes per rank-16 adapter weight."""
+    config = load_config(
+        "bench",
+        "llama3_1_8b",
+        **{
+            "lora.rank": 16,
+            "lora.quantization": quantization,
+            "model.remat_policy": "full",
+            "bench.estimate_only": True,
+        },
+    )
+    result = bench.run(config, devices=jax.devices()[:1])
+    assert result["params"] == LLAMA_8B_PROJECTIONS + LLAMA_8B_OTHER == 8_030_261_248
+    adapters = 16 * LLAMA_8B_ADAPTERS_PER_RANK
+    assert result["trainable_params"] == adapters == 41_943_040
+    per_weight = {"nf4": 0.5 + 4 / 64, "int8": 1 + 4 / 64, "none": 2.0}[quantization]
+    base_bytes = LLAMA_8B_PROJECTIONS * per_weight + LLAMA_8B_OTHER * 2
+    # Figures are printed in GiB to 2 decimals: within half a unit of the last digit.
+    half_unit = 0.005 + 1e-9
+    assert abs(result["estimated_base_gb"] - base_bytes / memory.GiB) <= half_unit
+    assert abs(result["estimated_adapters_gb"] - 2 * adapters / memory.GiB) <= half_unit
+    assert abs(result["estimated_optimizer_gb"] - 4 * adapters / memory.GiB) <= half_unit
+    assert "estimated_reference_gb" not in result  # the base is the reference
+    parts = ("base", "adapters", "optimizer", "gradients", "activations")
+    total = sum(result[f"estimated_{part}_gb"] for part in parts)
+    assert abs(result["estimated_total_gb"] - total) <= len(parts) * half_unit
+    if quantization == "nf4":  # QLoRA's promise: an 8B base in about 5 GiB, not 15
+        assert 5.0 < result["estimated_base_gb"] < 6.0

@@ -233,3 +233,41 @@ def test_quantized_shardings_keep_what_divides_and_place_the_leaves():
         np.asarray(quant.dequantize(stored["mlp"]["up_proj"]["kernel"], jnp.float32)),
         np.asarray(quant.dequantize(quant.quantize(kernel, "nf4"), jnp.float32)),
     )
+
+
+def live_bytes() -> int:
+    return sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+
+
+def test_loading_a_quantized_base_drops_each_float_kernel_once_quantized(monkeypatch):
+    """QLoRA's load holds the float base and grows the quantized one kernel by kernel: at no
+    point may both whole bases be alive (what a forgotten reference to the float leaves
+    does), so the live bytes never exceed float base + one quantized kernel."""
+    from conftest import load_config
+
+    from dpo_jax import settings, state
+
+    s = settings.from_config(load_config("tiny", "qlora"))
+    config = state.model_config(s.model)
+    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    shardings = state.param_shardings(config, mesh, s.mesh.rules)
+    float_base = sum(  # held in the compute dtype
+        int(np.prod(x.shape)) * jnp.dtype(config.dtype).itemsize
+        for x in jax.tree.leaves(state.abstract_params(config, shardings))
+    )
+    before = live_bytes()
+    seen = []
+    set_path = state.hf.set_path
+
+    def recording_set_path(tree, keys, value):
+        set_path(tree, keys, value)
+        seen.append(live_bytes() - before)
+
+    monkeypatch.setattr(state.hf, "set_path", recording_set_path)
+    base, _ = state.load_base(s.model, config, s.loop.seed, mesh, s.mesh.rules)
+    leaves = jax.tree.leaves(base, is_leaf=lambda x: isinstance(x, quant.Quantized))
+    largest = max(q.nbytes for q in leaves if isinstance(q, quant.Quantized))
+    seen = seen[-len(leaves) :]  # the quantizing loop's calls (loading the weights makes more)
+    # The live bytes are the float leaves not yet taken plus the quantized ones so far.
+    assert max(seen) <= float_base + largest, (max(seen), float_base, largest)
+    assert seen[-1] == sum(leaf.nbytes for leaf in leaves) < float_base
