@@ -89,6 +89,9 @@ def workload(r) -> str:
         text += f" in {r['gradient_accumulation_steps']} micro-batches"
     if r.get("precompute_ref_log_probs"):
         text += ", ref precomputed"
+    if r.get("lora_rank"):
+        base = r.get("quantization") or "none"
+        text += f", LoRA r{r['lora_rank']}" + ("" if base == "none" else f" on {base} base")
     return text
 
 
@@ -127,8 +130,8 @@ def pairs(results) -> list[str]:
     """One line per (dpo_jax, trl) pair of runs of the same workload."""
     groups: dict[tuple, list] = {}
     for r in results:
-        key = tuple(r.get(key, PAIR_DEFAULTS.get(key)) for key in PAIR_KEYS)
-        groups.setdefault(key, []).append(r)
+        workload_key = tuple(r.get(key, PAIR_DEFAULTS.get(key)) for key in PAIR_KEYS)
+        groups.setdefault(workload_key, []).append(r)
     lines = []
     for group in groups.values():
         ours = [r for r in group if r.get("trainer") == "dpo_jax"]

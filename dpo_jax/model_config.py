@@ -142,19 +142,46 @@ def num_params(config: ModelConfig) -> int:
     return config.vocab_size * d + config.num_layers * layer + d + head
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True) -> float:
-    """Model FLOPs per token: 2 per matmul weight plus causal attention; x3 with backward."""
-    d, h = config.hidden_size, config.resolved_head_dim
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(inputs, outputs) of each of a layer's projections, by the names LoRA targets."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.resolved_head_dim
     n, k = config.num_heads, config.num_kv_heads
-    matmul = config.num_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * config.intermediate_size)
+    return {
+        "q_proj": (d, n * h),
+        "k_proj": (d, k * h),
+        "v_proj": (d, k * h),
+        "o_proj": (n * h, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
+    }
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True) -> float:
+    """Model FLOPs per token: 2 per matmul weight plus causal attention; with backward, x3
+    (forward, input gradients, weight gradients). With LoRA (config.lora_rank > 0) the base
+    is frozen: its matmuls have no weight gradients (x2), and the adapters' 2·r·(in + out)
+    per projection count x3. backward=False is the forward of the base alone (the LoRA
+    reference: adapters off)."""
+    d = config.hidden_size
+    shapes = projection_shapes(config)
+    matmul = config.num_layers * sum(i * o for i, o in shapes.values())
     matmul += d * config.vocab_size  # unembedding (the embedding lookup is free)
     # QK^T and PV: 4*N*H FLOPs per visible key; causal rows see seq_len/2 keys on average, and
     # a window W < seq_len leaves W - W^2 / (2 seq_len) of them.
+    n, h = config.num_heads, config.resolved_head_dim
     attention = 0.0
     for window in config.layer_windows:
         visible = seq_len / 2 if not 0 < window < seq_len else window - window**2 / (2 * seq_len)
         attention += 4 * n * h * visible
-    return (3.0 if backward else 1.0) * (2 * matmul + attention)
+    if not backward:
+        return 2 * matmul + attention
+    if config.lora_rank <= 0:
+        return 3.0 * (2 * matmul + attention)
+    adapters = config.num_layers * sum(
+        config.lora_rank * (i + o) for name, (i, o) in shapes.items() if name in config.lora_targets
+    )
+    return 2.0 * 2 * matmul + 3.0 * attention + 3.0 * 2 * adapters
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:

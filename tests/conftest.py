@@ -18,6 +18,12 @@ os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The decoder shape the model-level tests share: small enough for float64 oracles, with GQA
+# (4 query heads over 2 KV heads) and a vocabulary that is no power of two.
+TINY_DIMS = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
+)
+
 
 def load_config(name: str = "tiny", *args, **overrides):
     """configs/<name>.py's get_config(*args) with dotted-key overrides ("training.max_steps": 4)."""

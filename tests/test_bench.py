@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from dpo_jax import bench, lora, memory, settings, state, throughput
+from dpo_jax import bench, lora, memory, model, settings, state, throughput
 
 # Every field a result must carry (benchmarks/trl_dpo.py prints the same ones).
 FIELDS = (
@@ -270,3 +270,20 @@ def test_8b_lora_memory_estimate_follows_the_stored_bytes(quantization):
     assert abs(result["estimated_total_gb"] - total) <= len(parts) * half_unit
     if quantization == "nf4":  # QLoRA's promise: an 8B base in about 5 GiB, not 15
         assert 5.0 < result["estimated_base_gb"] < 6.0
+
+
+def test_lora_step_flops_have_no_weight_gradients_for_the_frozen_base():
+    """MFU's FLOPs with LoRA: the frozen base's matmuls run forward and input-gradient only
+    (2 FLOPs per weight less per token than full training), and the adapters' 2·r·(in + out)
+    per projection count x3; the reference forward (adapters off) is the base's."""
+    full = bench.model_config_for(bench.workload(load_config("bench", "llama3_1_8b")))
+    adapted = bench.model_config_for(
+        bench.workload(load_config("bench", "llama3_1_8b", **{"lora.rank": 16}))
+    )
+    matmul_weights = LLAMA_8B_PROJECTIONS + 128256 * 4096  # and the head; lookups are free
+    adapters = 16 * LLAMA_8B_ADAPTERS_PER_RANK
+    for seq_len in (512, 2048):
+        saved = model.flops_per_token(full, seq_len) - model.flops_per_token(adapted, seq_len)
+        assert saved == 2 * matmul_weights - 3 * 2 * adapters
+        forward = [model.flops_per_token(c, seq_len, backward=False) for c in (full, adapted)]
+        assert forward[0] == forward[1]

@@ -13,15 +13,21 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_DIMS
 
 from dpo_jax import attention, hf
 from dpo_jax import model as M
 
 P = jax.sharding.PartitionSpec
 
-V, D, F, L, N, K = 97, 64, 128, 2, 4, 2
-TINY = M.ModelConfig(
-    vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=N, num_kv_heads=K
+TINY = M.ModelConfig(**TINY_DIMS)
+V, D, F, L, N, K = (
+    TINY.vocab_size,
+    TINY.hidden_size,
+    TINY.intermediate_size,
+    TINY.num_layers,
+    TINY.num_heads,
+    TINY.num_kv_heads,
 )
 LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 # head_dim 16, theta 1e4: wavelengths 6.3 ... 2e4, so an original context of 64 puts frequencies

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_DIMS, load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpo_jax import model, quant, sharding
@@ -157,9 +158,7 @@ def test_bytes_per_kernel():
     assert quant.bytes_per_param("int8") * 64 * 128 == 64 * 128 + 64 * 2 * 4
 
 
-TINY = model.ModelConfig(
-    vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
-)
+TINY = model.ModelConfig(**TINY_DIMS)
 
 
 def test_only_the_models_projection_kernels_are_quantized_and_the_forward_dequantizes():
@@ -243,8 +242,6 @@ def test_loading_a_quantized_base_drops_each_float_kernel_once_quantized(monkeyp
     """QLoRA's load holds the float base and grows the quantized one kernel by kernel: at no
     point may both whole bases be alive (what a forgotten reference to the float leaves
     does), so the live bytes never exceed float base + one quantized kernel."""
-    from conftest import load_config
-
     from dpo_jax import settings, state
 
     s = settings.from_config(load_config("tiny", "qlora"))

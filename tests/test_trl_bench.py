@@ -132,16 +132,20 @@ def test_compare_pairs_runs_of_the_same_workload_whatever_each_trainer_did(tmp_p
         ("hh8", dict(workload, trainer="dpo_jax", packing=True, pairs_per_s=30.0)),
         ("hh8", dict(workload, trainer="trl", packing=False, pairs_per_s=10.0)),
         ("fp32", dict(workload, trainer="dpo_jax", precision="fp32 weights", pairs_per_s=5.0)),
+        # QLoRA is another workload than TRL's full fine-tuning (its lines say rank 0).
+        ("q", dict(workload, trainer="dpo_jax", lora_rank=16, quantization="nf4", pairs_per_s=9.0)),
     ]
     path = tmp_path / "results.jsonl"
     lines = [json.dumps({"case": c, "command": "x", "result": r}) for c, r in runs]
     lines.append(json.dumps({"case": "big", "command": "y", "error": "timeout after 200 s"}))
     path.write_text("\n".join(lines) + "\n")
     results, failures = compare.read([str(path)])
-    assert len(results) == 3 and failures[0]["case"] == "big"
-    (pair,) = compare.pairs(results)  # the fp32 run has no TRL partner
+    assert len(results) == 4 and failures[0]["case"] == "big"
+    (pair,) = compare.pairs(results)  # neither the fp32 nor the QLoRA run has a TRL partner
     assert "pairs/s 3.00×" in pair and "packed" in pair and "padded" in pair
-    assert compare.table(results).count("\n| ") == 3  # a row per run under the header
+    table = compare.table(results)
+    assert table.count("\n| ") == 4  # a row per run under the header
+    assert table.count("LoRA r16 on nf4 base") == 1
 
 
 def test_data_bench_runs_trls_preparation_beside_ours(tmp_path):
