@@ -1,13 +1,10 @@
 """Test set-up: 8 emulated CPU devices (set before JAX is imported) and tiny configs."""
 
-import atexit
 import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 
@@ -18,18 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Implicit rank promotion (adding [B] to [B, T]) is how shape bugs hide; the package must not
 # rely on it. The environment variable reaches the CLIs the tests start, too.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
-
-import jax  # noqa: E402  (after XLA_FLAGS: the device count is read at import)
-
-# Many tests build the same tiny model's train and eval steps; each build is a new jit, so
-# XLA would compile the same program again. A compilation cache for this pytest process
-# only (the CLIs the tests start, some of them killed mid-run, do not share it: a killed
-# writer could leave a torn entry) compiles each program once. Its directory lives and
-# dies with the session.
-XLA_CACHE_DIR = tempfile.mkdtemp(prefix="dpo_jax_tests_xla_cache_")
-atexit.register(shutil.rmtree, XLA_CACHE_DIR, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", XLA_CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
