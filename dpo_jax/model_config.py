@@ -132,9 +132,9 @@ REMAT_POLICIES = {
 
 def num_params(config: ModelConfig) -> int:
     """Exact number of parameters."""
-    d, f, h = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    d, h = config.hidden_size, config.resolved_head_dim
     n, k = config.num_heads, config.num_kv_heads
-    layer = 2 * d * n * h + 2 * d * k * h + 3 * d * f + 2 * d
+    layer = sum(i * o for i, o in projection_shapes(config).values()) + 2 * d
     layer += (n + 2 * k) * h if config.attention_bias else 0
     layer += 2 * h if config.qk_norm else 0
     layer += 2 * d if config.post_norms else 0
