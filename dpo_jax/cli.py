@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import NoReturn
 
 from absl import flags
@@ -33,18 +34,29 @@ def os_error_line(error: OSError) -> str:
 
 class _OneLineBackgroundErrors(logging.Filter):
     """Orbax logs a failed background save with its traceback from every thread involved
-    (~500 lines for one full disk). The run reports that failure itself in one line, so
-    Orbax's records keep their first line only."""
+    (~500 lines for one full disk), and asyncio logs each of Orbax's sibling write tasks whose
+    error nobody retrieved ("Task exception was never retrieved", with a traceback) whenever
+    the collector frees it. The run reports that failure itself in one line, so these records
+    keep their first line only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "orbax" in record.pathname and record.levelno >= logging.ERROR:
+        if record.levelno >= logging.ERROR and _from_orbax(record):
             record.msg = " ".join(record.getMessage().split())[:300]
             record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
         return True
 
 
+def _from_orbax(record: logging.LogRecord) -> bool:
+    """Whether Orbax logged the record, or its exception was raised in Orbax's code."""
+    if "orbax" in record.pathname:
+        return True
+    trace = record.exc_info[2] if record.exc_info else None
+    return any("orbax" in frame.filename for frame in traceback.extract_tb(trace))
+
+
 def one_line_background_errors() -> None:
-    logging.getLogger("absl").addFilter(_OneLineBackgroundErrors())
+    for name in ("absl", "asyncio"):  # a logger's filters see only the records it creates
+        logging.getLogger(name).addFilter(_OneLineBackgroundErrors())
     # After a failed save, TensorStore's callbacks for the writes still pending reach an event
     # loop Orbax has closed, and each prints a traceback as an "unraisable" exception.
     default_hook = sys.unraisablehook

@@ -4,7 +4,11 @@ intact, metrics.jsonl consistent with it), and re-running the same command conti
 as an uninterrupted run (every metrics row equal). Faults no signal can time from outside
 come from dpo_jax.faults' test-only environment hooks."""
 
+import asyncio
 import contextlib
+import gc
+import io
+import logging
 import os
 import shutil
 import signal
@@ -24,7 +28,7 @@ from conftest import (
     read_metrics,
 )
 
-from dpo_jax import checkpoint, report, settings, train
+from dpo_jax import checkpoint, cli, report, settings, train
 from dpo_jax.step import NonFiniteError
 
 STEPS = 8
@@ -228,6 +232,42 @@ def test_disk_full_kill_in_save_damaged_checkpoint_and_torn_log_line_all_resume(
         # 5. The re-run exports and ends as the uninterrupted run, every metrics row equal.
         assert_continues_exactly(baseline, workdir, args, tmp_path, resumed_from=STEPS)
         assert os.path.isfile(os.path.join(workdir, "hf", "model.safetensors"))
+
+
+def _unretrieved_task_error_log(code_file: str) -> str:
+    """What asyncio logs when the collector frees a task whose error nobody retrieved, as
+    Orbax's sibling writes do after a full disk, for a coroutine compiled as `code_file`."""
+    namespace = {}
+    exec(
+        compile("async def write():\n    raise OSError(28, 'No space left')", code_file, "exec"),
+        namespace,
+    )
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    only_these = cli._OneLineBackgroundErrors()
+    logging.getLogger("asyncio").addFilter(only_these)
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(namespace["write"]())
+        loop.run_until_complete(asyncio.sleep(0))
+        del task
+        gc.collect()  # the collector logs the error, at a moment a run cannot choose
+    finally:
+        loop.close()
+        logging.getLogger("asyncio").removeFilter(only_these)
+        logging.getLogger().removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_orbax_tasks_unretrieved_errors_log_one_line_and_others_keep_their_traceback():
+    """The asyncio half of the full-disk test's "no traceback", which that test sees only when
+    the collector runs before the process ends."""
+    orbax_log = _unretrieved_task_error_log("/site-packages/orbax/checkpoint/serialization.py")
+    assert "Task exception was never retrieved" in orbax_log, orbax_log
+    assert "Traceback" not in orbax_log and len(orbax_log.splitlines()) == 1, orbax_log
+    ours_log = _unretrieved_task_error_log("/work/dpo_jax/something.py")
+    assert "Traceback" in ours_log, ours_log  # a bug of ours is never hidden
 
 
 def test_a_full_disk_leaves_the_previous_report(baseline, tmp_path, monkeypatch):
