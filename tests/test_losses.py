@@ -2,6 +2,8 @@
 
 import functools
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,26 @@ from dpo_jax.losses import (
 LN2 = math.log(2.0)
 BETA = 0.1
 SMOOTHED = {"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"}
+
+
+def test_the_losses_package_imports_nothing_but_jax():
+    """Researchers import dpo_jax.losses into their own code: it must not pull in our model,
+    settings or I/O, nor Flax, Orbax or transformers (a fresh interpreter shows what it loads)."""
+    code = "import sys, dpo_jax.losses; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    ours = {m for m in loaded.stdout.split() if m.split(".")[0] == "dpo_jax"}
+    assert ours == {
+        "dpo_jax",
+        "dpo_jax.losses",
+        "dpo_jax.losses.combined",
+        "dpo_jax.losses.logps",
+        "dpo_jax.losses.pairs",
+    }
+    heavy = {"flax", "optax", "orbax", "transformers", "ml_collections", "torch", "datasets"}
+    assert not heavy & {m.split(".")[0] for m in loaded.stdout.split()}
+
 
 # float64 NumPy references ------------------------------------------------------------------
 
