@@ -19,6 +19,7 @@ import optax
 import pytest
 import torch
 import transformers
+from conftest import without_compilation_cache
 from flax import serialization, traverse_util
 
 from dpo_jax import checkpoint, embedded, hf, hf_tensors, model, sharding
@@ -475,7 +476,8 @@ def test_two_processes_load_and_export_like_one(saved, tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     two = tmp_path / "two"
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = without_compilation_cache(os.environ)
+    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env |= {"JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(

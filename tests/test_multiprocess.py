@@ -1,5 +1,5 @@
 """Two processes × 4 emulated CPU devices through launch/local.sh equal one process, and a
-killed two-process run resumes with the same command. The two-process run uses precomputed
+two-process run killed, then pre-empted on one host, resumes with the same command. The two-process run uses precomputed
 reference log-probs (computed by both processes, loaded from the cache on resume) against
 the one-process run's in-step reference. Both train on the first 64 pairs: the runs take
 about a minute on an idle 2-core machine, and the deadlines allow several times that."""
@@ -25,6 +25,7 @@ from conftest import (
     load_config,
     read_metrics,
     train_rows,
+    without_compilation_cache,
 )
 from safetensors.numpy import load_file
 
@@ -62,7 +63,7 @@ def launch_env():
     # Each process sets its own device count; don't inherit the test session's 8.
     # PYTHONFAULTHANDLER: a trainer sent SIGABRT prints every thread's stack (see run_to_end).
     return dict(
-        os.environ,
+        without_compilation_cache(os.environ),
         PYTHON=sys.executable,
         XLA_FLAGS="",
         DEVICES_PER_PROCESS="4",
@@ -109,9 +110,14 @@ def single_process(tmp_path_factory, small_train, small_validation):
     return workdir
 
 
-def test_two_processes_killed_and_resumed_match_one_process(
+def test_two_processes_killed_then_one_sigtermed_resume_to_match_one_process(
     single_process, small_train, small_validation, tmp_path
 ):
+    """One workdir through two faults of a two-process run: SIGKILL to the launcher and both
+    trainers after checkpoint 2 (no clean-up), then, in the resumed run, SIGTERM to one
+    trainer only (a scheduler pre-empting one host): JAX's pre-emption sync point makes both
+    save the same step and exit 143. The same command then ends as the one-process run. (One
+    scenario rather than two: each two-process launch costs ~25 s of start-up here.)"""
     workdir = str(tmp_path / "two")
     args = launch_args(workdir, small_train, small_validation, str(tmp_path / "cache" / "data"))
     process = subprocess.Popen(
@@ -128,18 +134,54 @@ def test_two_processes_killed_and_resumed_match_one_process(
     os.killpg(process.pid, signal.SIGKILL)  # the launcher and both trainers, no clean-up
     output = process.communicate()[0].decode(errors="replace")
     assert os.path.isdir(checkpoint), output[-3000:]
-    assert not os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS))), "killed too late"
-
-    returncode, finished = run_to_end(args, launch_env())
-    assert returncode == 0, finished[-6000:]
-    assert "resumed from step" in finished
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "4")), "killed too late"
     # Tokenized once: process 0 filled the cache while process 1 waited, then read it.
     assert f"data: process 0 tokenized {small_train}, {small_validation}" in output
     assert "data: process 1 read the tokenized data from the cache" in output
     assert "process 1 tokenized" not in output
     assert f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs computed" in output
-    loaded = f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs loaded"
-    assert loaded in finished
+
+    # Resumed from 2, paused after step 3, pre-empted on one host.
+    log_path = tmp_path / "second.log"
+    # Both trainers sleep 8 s after step 3: the test signals within ~0.1 s of the notice,
+    # and a late signal still stops both at one step, only a later one (steps 4-5).
+    env = launch_env() | {"DPO_JAX_PAUSE_AT_STEP": "3", "DPO_JAX_PAUSE_SECONDS": "8"}
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.time() + DEADLINE_S
+    while "paused at step 3" not in log_path.read_text(errors="replace"):
+        assert launcher.poll() is None, log_path.read_text()[-3000:]
+        if time.time() > deadline:
+            abort_stuck(launcher, lambda: log_path.read_text(errors="replace"))
+        time.sleep(0.05)
+    found = subprocess.run(
+        ["pgrep", "-f", "--", f"--workdir {workdir} .*--process_id=1"],
+        capture_output=True,
+        text=True,
+    )
+    (second,) = [int(pid) for pid in found.stdout.split()]
+    os.kill(second, signal.SIGTERM)
+    try:
+        launcher.wait(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        abort_stuck(launcher, lambda: log_path.read_text(errors="replace"))
+    assert launcher.returncode == 128 + signal.SIGTERM
+    output = log_path.read_text(errors="replace")
+    # Both processes print it into one log, so their lines may interleave mid-line
+    # ("...resumepre-empted: ..."): found anywhere in the text, not at line starts.
+    saved = re.findall(r"pre-empted: saved step (\d+);", output)
+    assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]  # both, the same step
+    step = int(saved[0])
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and step < STEPS
+
+    assert "resumed from step 2 " in output, output[-3000:]
+    assert f"reference log-probs of training data: {SMALL_TRAIN_PAIRS} pairs loaded" in output
+
+    returncode, finished = run_to_end(args, launch_env())
+    assert returncode == 0, finished[-6000:]
+    assert f"resumed from step {step} " in finished
     assert "'data': 1, 'fsdp': 8" in finished  # one mesh over both processes
 
     expected, got = read_metrics(single_process), read_metrics(workdir)
@@ -177,54 +219,3 @@ def test_two_processes_killed_and_resumed_match_one_process(
         assert difference.max() <= max_apart, (name, difference.max(), max_apart)
         rms = float(np.sqrt(np.mean(difference**2)))
         assert rms <= rms_apart, (name, rms, rms_apart)
-
-
-def test_two_processes_one_sigtermed_both_save_the_same_step_and_resume_like_one(
-    single_process, small_train, small_validation, tmp_path
-):
-    """SIGTERM to one trainer only (a scheduler pre-empting one host): JAX's pre-emption
-    sync point makes both save the same step and exit 143; the same command resumes and
-    ends as the one-process run."""
-    workdir = str(tmp_path / "two")
-    args = launch_args(workdir, small_train, small_validation, str(tmp_path / "cache" / "data"))
-    log_path = tmp_path / "first.log"
-    # Both trainers sleep 8 s after step 3: the test signals within ~0.1 s of the notice,
-    # and a late signal still stops both at one step, only a later one (steps 4-5).
-    env = launch_env() | {"DPO_JAX_PAUSE_AT_STEP": "3", "DPO_JAX_PAUSE_SECONDS": "8"}
-    with open(log_path, "w") as log:
-        launcher = subprocess.Popen(
-            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.time() + DEADLINE_S
-    while "paused at step 3" not in log_path.read_text(errors="replace"):
-        assert launcher.poll() is None, log_path.read_text()[-3000:]
-        if time.time() > deadline:
-            abort_stuck(launcher, lambda: log_path.read_text(errors="replace"))
-        time.sleep(0.05)
-    found = subprocess.run(
-        ["pgrep", "-f", "--", f"--workdir {workdir} .*--process_id=1"],
-        capture_output=True,
-        text=True,
-    )
-    (second,) = [int(pid) for pid in found.stdout.split()]
-    os.kill(second, signal.SIGTERM)
-    try:
-        launcher.wait(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        abort_stuck(launcher, lambda: log_path.read_text(errors="replace"))
-    assert launcher.returncode == 128 + signal.SIGTERM
-    output = log_path.read_text(errors="replace")
-    # Both processes print it into one log, so their lines may interleave mid-line
-    # ("...resumepre-empted: ..."): found anywhere in the text, not at line starts.
-    saved = re.findall(r"pre-empted: saved step (\d+);", output)
-    assert len(saved) == 2 and saved[0] == saved[1], output[-3000:]  # both, the same step
-    step = int(saved[0])
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and step < STEPS
-
-    returncode, finished = run_to_end(args, launch_env())
-    assert returncode == 0, finished[-6000:]
-    assert f"resumed from step {step} " in finished
-    expected, got = read_metrics(single_process), read_metrics(workdir)
-    assert [r["step"] for r in expected] == [r["step"] for r in got]
-    for a, b in zip(expected, got, strict=True):
-        assert_rows_close(a, b)
