@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax import checkpoint, data, hf, model, progress, settings, sharding, state
+from dpo_jax.batch_loss import finalize
 from dpo_jax.settings import Settings
-from dpo_jax.step import finalize, jit_eval_sums
+from dpo_jax.step import jit_eval_sums
 
 # The metrics shown in the console table, in this order (the JSON holds every metric).
 TABLE_METRICS = (

@@ -72,7 +72,7 @@ def test_packed_and_padded_give_the_same_loss(sliding_window):
 
     from conftest import load_config, model_config_of
 
-    from dpo_jax import model, step
+    from dpo_jax import batch_loss, model, step
 
     config = load_config("tiny")
     model_config = model_config_of(config)
@@ -94,13 +94,13 @@ def test_packed_and_padded_give_the_same_loss(sliding_window):
     shared = data.packed_batch(
         pairs, 6, num_rows=6, row_length=48, pad_id=0, prefix_sharing=True
     )  # prompts computed once
-    loss_config = step.LossConfig(sft_loss_weight=0.5)
+    loss_config = batch_loss.LossConfig(sft_loss_weight=0.5)
     eval_sums = jax.jit(
         functools.partial(step.eval_sums, model_config=model_config, loss_config=loss_config),
         static_argnames="padded_rows",
     )
     metrics = [
-        step.finalize(eval_sums(policy, reference, batch, padded_rows=padded_rows))
+        batch_loss.finalize(eval_sums(policy, reference, batch, padded_rows=padded_rows))
         for batch, padded_rows in ((padded, True), (packed, False), (shared, False))
     ]
     assert abs(float(metrics[0]["loss"]) - np.log(2)) > 1e-3  # a real, non-trivial loss

@@ -498,8 +498,8 @@ def test_two_processes_load_and_export_like_one(saved, tmp_path):
 
 
 def test_trainer_log_probs_apply_gemma2_final_softcap(saved):
-    """step.sequence_stats (vocab-chunked) gives the log-probs of forward's capped logits."""
-    from dpo_jax import losses, step
+    """batch_loss.sequence_stats (vocab-chunked) gives the log-probs of forward's capped logits."""
+    from dpo_jax import batch_loss, losses
 
     _, folder = saved["gemma2"]
     config, params = hf.load_pretrained(folder)
@@ -513,7 +513,7 @@ def test_trainer_log_probs_apply_gemma2_final_softcap(saved):
         "sequence_ids": np.array([[0] * 8, [1] * 8]),
         "pair_mask": np.ones(1, bool),
     }
-    logps = step.sequence_stats(config, params, batch, chunk_size=32)[0]
+    logps = batch_loss.sequence_stats(config, params, batch, chunk_size=32)[0]
     logits = forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"])
     assert np.abs(logits).max() < FINAL_CAP
     expected = losses.token_logps(logits, jnp.asarray(batch["labels"])).sum(-1)

@@ -1,8 +1,9 @@
 """Two processes × 4 emulated CPU devices through launch/local.sh equal one process, and a
-two-process run killed, then pre-empted on one host, resumes with the same command. The two-process run uses precomputed
-reference log-probs (computed by both processes, loaded from the cache on resume) against
-the one-process run's in-step reference. Both train on the first 64 pairs: the runs take
-about a minute on an idle 2-core machine, and the deadlines allow several times that."""
+two-process run killed, then pre-empted on one host, resumes with the same command. The
+two-process run uses precomputed reference log-probs (computed by both processes, loaded
+from the cache on resume) against the one-process run's in-step reference. Both train on
+the first 64 pairs: the runs take about a minute on an idle 2-core machine, and the
+deadlines allow several times that."""
 
 import os
 import re

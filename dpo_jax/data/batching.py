@@ -254,7 +254,7 @@ def write_group(
     chosen reply (branch ids 0 / 1 / 2: a key of branch b > 0 is visible only to queries of
     the same branch). Its first token is predicted from the prompt's last position, which
     already predicts the chosen reply's first token: that one prediction is carried per
-    pair slot (extra_index, extra_label) and computed apart (step.sequence_stats)."""
+    pair slot (extra_index, extra_label) and computed apart (batch_loss.sequence_stats)."""
     lp, lc, lr = len(prompt), len(chosen), len(rejected)
     tokens = np.concatenate([prompt, chosen, rejected])
     end = start + len(tokens)

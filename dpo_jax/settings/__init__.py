@@ -14,6 +14,7 @@ import json
 import ml_collections
 
 from dpo_jax import hf, optim
+from dpo_jax.batch_loss import LossConfig
 from dpo_jax.data import DataError, DataSettings
 from dpo_jax.lora import LoraSettings
 from dpo_jax.settings.data_section import data_settings, packed_segments_bound
@@ -26,7 +27,7 @@ from dpo_jax.settings.objective import (
 )
 from dpo_jax.settings.values import ConfigError, as_tuple, check, get, missing_key, number
 from dpo_jax.sharding import MeshError, mesh_rules
-from dpo_jax.step import LossConfig, RefSync
+from dpo_jax.step import RefSync
 
 # Imported from here by the rest of dpo_jax (and by tests): one name for each.
 __all__ = [

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 from dpo_jax import losses, quant
+from dpo_jax.batch_loss import SFT_NORMALIZATIONS, LossConfig, metric_names
 from dpo_jax.data import DataSettings
 from dpo_jax.lora import TARGETS, LoraSettings
 from dpo_jax.settings.values import ConfigError, as_tuple, check, get, number
-from dpo_jax.step import SFT_NORMALIZATIONS, LossConfig, RefSync, metric_names
+from dpo_jax.step import RefSync
 
 
 @dataclasses.dataclass(frozen=True)
