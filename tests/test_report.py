@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from dpo_jax import metrics_log, report
+from dpo_jax import metrics_log, plots, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,23 +126,23 @@ def test_splits_of_different_scales_get_their_own_panels():
     train = ([0, 1, 2], [-7.9, -7.5, -7.2])
     evals = ([1, 2], [-156.1, -156.0])
     lines = {"train chosen": train, "eval chosen": evals, "eval rejected": evals}
-    assert report.panels(lines, "linear") == [["train chosen"], ["eval chosen", "eval rejected"]]
+    assert plots.panels(lines, "linear") == [["train chosen"], ["eval chosen", "eval rejected"]]
     # Overlapping scales (rewards of both splits near 0) share one axis, as does a log plot.
     near = {"train": ([0, 1], [0.0, 0.05]), "eval": ([1], [0.03])}
-    assert report.panels(near, "linear") == [["train", "eval"]]
-    assert report.panels(lines, "log") == [["train chosen", "eval chosen", "eval rejected"]]
-    png = report.plot("log-probs", lines)
+    assert plots.panels(near, "linear") == [["train", "eval"]]
+    assert plots.panels(lines, "log") == [["train chosen", "eval chosen", "eval rejected"]]
+    png = plots.plot("log-probs", lines)
     assert png.startswith(PNG_MAGIC)
 
 
 def test_series_labels_train_eval_and_named_eval_sets(workdir):
     rows = report.read_jsonl(str(workdir / "metrics.jsonl"))
     assert rows[-1]["step"] == 20  # the torn line is skipped
-    found = report.series(rows, "rewards/chosen")
+    found = plots.series(rows, "rewards/chosen")
     assert sorted(found) == ["eval", "eval/heldout", "train"]
     assert found["eval"] == ([10, 20], [0.25, 0.5])
     assert len(found["train"][0]) == 21
-    assert "eval/samples" not in report.series(rows, "policy_preferred_rate")
+    assert "eval/samples" not in plots.series(rows, "policy_preferred_rate")
 
 
 def test_report_of_an_empty_run_and_cli(tmp_path, capsys):
