@@ -7,9 +7,10 @@
 What is the same as dpo_jax.bench (benchmarks/README.md has the fairness rules):
 
 * the model: a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` built from the same
-  config dict (``dpo_jax.bench.PRESETS``, or the embedded tiny ``config.json``), random init;
-* the pairs: ``dpo_jax.bench.synthetic_steps`` itself, called with configs/bench.py's config
-  set from these flags, so step k trains on exactly the pairs of our step k;
+  config dict (``dpo_jax.bench_workload.PRESETS``, or the embedded tiny ``config.json``),
+  random init;
+* the pairs: ``dpo_jax.bench_workload.synthetic_steps`` itself, called with configs/bench.py's
+  config set from these flags, so step k trains on exactly the pairs of our step k;
 * the batch: ``--pairs_per_step`` pairs per optimizer step, in order (sequential sampler),
   split into ``--gradient_accumulation_steps`` micro-batches like ours;
 * the reference forward runs inside every step (``precompute_ref_log_probs=False``; the
@@ -65,7 +66,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from dpo_jax import bench, embedded, model, settings, throughput  # noqa: E402
+from dpo_jax import bench_workload, embedded, model, settings, throughput  # noqa: E402
 
 DTYPES = ("bfloat16", "float32")
 
@@ -79,7 +80,7 @@ def bench_config(preset: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    presets = ("tiny", *bench.PRESETS)
+    presets = ("tiny", *bench_workload.PRESETS)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="tiny", choices=presets)
     c = bench_config(first.parse_known_args(argv)[0].preset)
@@ -175,7 +176,7 @@ def hf_config(preset: str):
 
     if preset == "tiny":
         return transformers.AutoConfig.from_pretrained(embedded.TINY_MODEL_DIR)
-    fields = dict(bench.PRESETS[preset])
+    fields = dict(bench_workload.PRESETS[preset])
     (architecture,) = fields.pop("architectures")
     return getattr(transformers, architecture).config_class(architectures=[architecture], **fields)
 
@@ -251,8 +252,8 @@ def run(args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     micro = args.pairs_per_step // args.gradient_accumulation_steps
     num_steps = 1 + args.warmup_steps + args.steps
-    workload = bench.workload(workload_config(args))
-    ours = bench.model_config_for(workload)
+    workload = bench_workload.workload(workload_config(args))
+    ours = bench_workload.model_config_for(workload)
 
     started = time.perf_counter()
     config = hf_config(args.preset)
@@ -270,7 +271,7 @@ def run(args) -> dict:
     init_s = time.perf_counter() - started  # like dpo_jax's init_state: not in compile_s
     tokenizer = transformers.AutoTokenizer.from_pretrained(embedded.TINY_MODEL_DIR)
 
-    steps = bench.synthetic_steps(workload, config.vocab_size, num_steps)
+    steps = bench_workload.synthetic_steps(workload, config.vocab_size, num_steps)
     train_dataset = datasets.Dataset.from_dict(dataset_columns(steps))
 
     class PretokenizedDPOTrainer(trl.DPOTrainer):
@@ -386,7 +387,7 @@ def run(args) -> dict:
         "batch_size": args.pairs_per_step,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "seed": args.seed,
-        "precision": bench.precision(args.param_dtype, args.param_dtype, args.dtype),
+        "precision": bench_workload.precision(args.param_dtype, args.param_dtype, args.dtype),
         "precompute_ref_log_probs": args.precompute_ref_log_probs,
         # ... and how TRL ran it: rows padded to the longest of each micro-batch.
         "packing": False,

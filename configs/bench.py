@@ -41,7 +41,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     return with_overrides(
         c,
         {
-            # tiny: the embedded model's architecture; the others: dpo_jax.bench.PRESETS.
+            # tiny: the embedded model's architecture; the others: dpo_jax.bench_workload.PRESETS.
             "model.name": embedded.TINY_MODEL_DIR,
             "model.init": "random",
             "model.dtype": "bfloat16" if gpu else "float32",  # compute dtype

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from dpo_jax import bench, lora, memory, model, settings, state, throughput
+from dpo_jax import bench, bench_workload, lora, memory, model, settings, state, throughput
 
 # Every field a result must carry (benchmarks/trl_dpo.py prints the same ones).
 FIELDS = (
@@ -107,27 +107,27 @@ def test_prefix_sharing_gives_the_same_loss_on_fewer_tokens():
     assert shared["row_length"] == 2 * packed["row_length"] == 512
     assert math.isclose(shared["loss"], packed["loss"], rel_tol=1e-5)
     # The one timed step is the second (the first compiles).
-    workload = bench.workload(packed_config)
-    vocab_size = bench.model_config_for(workload).vocab_size
-    _, pairs = bench.synthetic_steps(workload, vocab_size, 2)
+    workload = bench_workload.workload(packed_config)
+    vocab_size = bench_workload.model_config_for(workload).vocab_size
+    _, pairs = bench_workload.synthetic_steps(workload, vocab_size, 2)
     prompts = sum(len(p.prompt) for p in pairs)
     assert shared["tokens_per_step"] == packed["tokens_per_step"] - prompts
 
 
 def test_synthetic_pairs_packed_and_padded_hold_the_same_sequences():
     config = load_config("bench", **HH, **{"training.gradient_accumulation_steps": 2})
-    workload = bench.workload(config)
-    (pairs,) = bench.synthetic_steps(workload, 1024, 1)
+    workload = bench_workload.workload(config)
+    (pairs,) = bench_workload.synthetic_steps(workload, 1024, 1)
     lengths = np.array([[len(p.prompt), len(p.chosen), len(p.rejected)] for p in pairs])
     rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(lengths, bench.synthetic_lengths(workload, rng, 8))
+    np.testing.assert_array_equal(lengths, bench_workload.synthetic_lengths(workload, rng, 8))
     assert 0 < (lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])).max() <= 256
 
-    padded = bench.build_batch(workload, pairs, 8, 1024, rng)
+    padded = bench_workload.build_batch(workload, pairs, 8, 1024, rng)
     config.data.packing = True
-    workload = bench.workload(config)
-    rows = bench.packed_rows(workload, [pairs], data_parallel=1)
-    packed = bench.build_batch(workload, pairs, rows, 1024, rng)
+    workload = bench_workload.workload(config)
+    rows = bench_workload.packed_rows(workload, [pairs], data_parallel=1)
+    packed = bench_workload.build_batch(workload, pairs, rows, 1024, rng)
     assert padded["tokens"].shape == (2, 8, 256) and packed["tokens"].shape == (2, rows, 256)
     assert rows <= 8  # never more rows than padding needs
     # Padding never counts: the same real sequences, so the same model FLOPs.
@@ -138,12 +138,12 @@ def test_synthetic_pairs_packed_and_padded_hold_the_same_sequences():
 
 def test_packing_builds_fixed_rows_and_says_which_key_when_pairs_do_not_fit():
     config = load_config("bench", **HH, **{"data.packing": True})
-    workload = bench.workload(config)
-    steps = bench.synthetic_steps(workload, 1024, 3)
-    need = max(bench.rows_needed(pairs, 256) for pairs in steps)
-    assert bench.packed_rows(workload, steps, data_parallel=1) == need
-    assert bench.packed_rows(workload, steps, data_parallel=4) == -(-need // 4) * 4
-    batch = bench.build_batch(workload, steps[0], need, 1024, np.random.default_rng(0))
+    workload = bench_workload.workload(config)
+    steps = bench_workload.synthetic_steps(workload, 1024, 3)
+    need = max(bench_workload.rows_needed(pairs, 256) for pairs in steps)
+    assert bench_workload.packed_rows(workload, steps, data_parallel=1) == need
+    assert bench_workload.packed_rows(workload, steps, data_parallel=4) == -(-need // 4) * 4
+    batch = bench_workload.build_batch(workload, steps[0], need, 1024, np.random.default_rng(0))
     assert batch["tokens"].shape == (1, need, 256)
     assert batch["pair_mask"].shape == (1, 8) and batch["pair_mask"].all()
     # Chosen of pair p is sequence 2p, rejected 2p+1, whatever row they landed in.
@@ -154,27 +154,28 @@ def test_packing_builds_fixed_rows_and_says_which_key_when_pairs_do_not_fit():
 
     config.data.packed_rows = need - 1
     with pytest.raises(settings.ConfigError, match=r"data\.packed_rows"):
-        bench.packed_rows(bench.workload(config), steps, data_parallel=1)
+        bench_workload.packed_rows(bench_workload.workload(config), steps, data_parallel=1)
 
 
 def test_precomputed_reference_log_probs_are_finite_and_zero_in_empty_slots():
     config = load_config("bench", **HH, **{"training.precompute_ref_log_probs": True})
-    workload = bench.workload(config)
-    (pairs,) = bench.synthetic_steps(workload, 1024, 1)
-    batch = bench.build_batch(workload, pairs[:5], 16, 1024, np.random.default_rng(0))
+    workload = bench_workload.workload(config)
+    (pairs,) = bench_workload.synthetic_steps(workload, 1024, 1)
+    batch = bench_workload.build_batch(workload, pairs[:5], 16, 1024, np.random.default_rng(0))
     ref = batch["ref_logps"]
     assert ref.shape == (1, 10) and ref.dtype == np.float32 and np.isfinite(ref).all()
     assert (ref < 0).all()  # -ln V per completion token, about a random model's
     # An empty pair slot (a padded micro-batch of fewer pairs) carries zeros.
     batch["pair_mask"][0, 4] = False
-    again = bench.synthetic_ref_logps(batch, 1024, np.random.default_rng(0))
+    again = bench_workload.synthetic_ref_logps(batch, 1024, np.random.default_rng(0))
     assert (again[0, 8:] == 0).all() and (again[0, :8] < 0).all()
 
 
 def test_precision_labels_match_between_trainers():
-    assert bench.precision("bfloat16", "bfloat16", "bfloat16") == "pure bf16"
+    assert bench_workload.precision("bfloat16", "bfloat16", "bfloat16") == "pure bf16"
     assert (
-        bench.precision("float32", "float32", "bfloat16") == "fp32 weights, fp32 Adam, bf16 compute"
+        bench_workload.precision("float32", "float32", "bfloat16")
+        == "fp32 weights, fp32 Adam, bf16 compute"
     )
 
 
@@ -183,8 +184,8 @@ def test_segment_bound_follows_the_trainers_rule_and_the_packer_keeps_it():
     mask, >= 2 a bound the packed rows keep (cuDNN's packed layout), 1 a config error, and
     prefix-shared rows always the mask."""
     bound = lambda **o: (
-        bench.model_config_for(  # noqa: E731
-            bench.workload(load_config("bench", **HH, **{"data.packing": True} | o))
+        bench_workload.model_config_for(  # noqa: E731
+            bench_workload.workload(load_config("bench", **HH, **{"data.packing": True} | o))
         ).max_segments_per_row
     )
     assert bound() is None
@@ -196,22 +197,24 @@ def test_segment_bound_follows_the_trainers_rule_and_the_packer_keeps_it():
     # Sequences of 16 tokens in rows of 64: four to a row when nothing bounds them.
     short = {"data.packing": True, "bench.prompt_length": 8, "bench.completion_length": 8}
     short["data.max_seq_length"] = 64
-    free = bench.workload(load_config("bench", **short))
-    capped = bench.workload(load_config("bench", **short, **{"data.max_segments_per_row": 2}))
-    steps = bench.synthetic_steps(free, 1024, 2)
-    rows = [bench.packed_rows(w, steps, data_parallel=1) for w in (free, capped)]
+    free = bench_workload.workload(load_config("bench", **short))
+    capped = bench_workload.workload(
+        load_config("bench", **short, **{"data.max_segments_per_row": 2})
+    )
+    steps = bench_workload.synthetic_steps(free, 1024, 2)
+    rows = [bench_workload.packed_rows(w, steps, data_parallel=1) for w in (free, capped)]
     most = [
-        bench.build_batch(w, steps[0], n, 1024, None)["segment_ids"].max()
+        bench_workload.build_batch(w, steps[0], n, 1024, None)["segment_ids"].max()
         for w, n in zip((free, capped), rows, strict=True)
     ]
     assert most[0] == 4
     assert most[1] == 2 and rows[1] > rows[0]
     # Prefix-shared rows take the mask, but the packer keeps the bound as the trainer's does.
     shared = short | {"data.max_segments_per_row": 2, "data.prefix_sharing": True}
-    shared = bench.workload(load_config("bench", **shared))
+    shared = bench_workload.workload(load_config("bench", **shared))
     assert (
-        bench.segments_cap(shared) == 2
-        and bench.model_config_for(shared).max_segments_per_row is None
+        bench_workload.segments_cap(shared) == 2
+        and bench_workload.model_config_for(shared).max_segments_per_row is None
     )
 
 
@@ -224,7 +227,7 @@ def test_qlora_benchmark_trains_only_the_adapters_on_a_4bit_base():
     assert_positive_finite(result)
     assert math.isfinite(result["loss"])
     assert result["lora_rank"] == 4 and result["quantization"] == "nf4"
-    model_config = bench.model_config_for(bench.workload(config))
+    model_config = bench_workload.model_config_for(bench_workload.workload(config))
     assert result["trainable_params"] == lora.adapter_count(model_config)
     assert result["trainable_params"] < result["params"] // 5
 
@@ -276,9 +279,11 @@ def test_lora_step_flops_have_no_weight_gradients_for_the_frozen_base():
     """MFU's FLOPs with LoRA: the frozen base's matmuls run forward and input-gradient only
     (2 FLOPs per weight less per token than full training), and the adapters' 2·r·(in + out)
     per projection count x3; the reference forward (adapters off) is the base's."""
-    full = bench.model_config_for(bench.workload(load_config("bench", "llama3_1_8b")))
-    adapted = bench.model_config_for(
-        bench.workload(load_config("bench", "llama3_1_8b", **{"lora.rank": 16}))
+    full = bench_workload.model_config_for(
+        bench_workload.workload(load_config("bench", "llama3_1_8b"))
+    )
+    adapted = bench_workload.model_config_for(
+        bench_workload.workload(load_config("bench", "llama3_1_8b", **{"lora.rank": 16}))
     )
     matmul_weights = LLAMA_8B_PROJECTIONS + 128256 * 4096  # and the head; lookups are free
     adapters = 16 * LLAMA_8B_ADAPTERS_PER_RANK

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 from conftest import REPO, load_config
 
-from dpo_jax import bench
+from dpo_jax import bench, bench_workload
 
 SCRIPT = os.path.join(REPO, "benchmarks", "trl_dpo.py")
 
@@ -34,17 +34,19 @@ def test_trl_gets_our_pairs_and_its_collator_pads_as_counted():
     args = trl_dpo.parse_args(
         ["--preset", "tiny", "--lengths", "hh", "--max_length", "256", "--pairs_per_step", "8"]
     )
-    # What TRL's dataset holds: dpo_jax.bench.synthetic_steps of the config the flags make.
-    theirs = bench.synthetic_steps(bench.workload(trl_dpo.workload_config(args)), 1024, 3)
+    # What TRL's dataset holds: bench_workload.synthetic_steps of the config the flags make.
+    theirs = bench_workload.synthetic_steps(
+        bench_workload.workload(trl_dpo.workload_config(args)), 1024, 3
+    )
     columns = trl_dpo.dataset_columns(theirs)
     assert len(columns["prompt_ids"]) == 3 * 8
 
     config = load_config("bench", **{"bench.lengths": "hh", "data.max_seq_length": 256})
-    workload = bench.workload(config)
+    workload = bench_workload.workload(config)
     rng = np.random.default_rng(0)
     ours = [
-        bench.build_batch(workload, pairs, 16, 1024, rng)
-        for pairs in bench.synthetic_steps(workload, 1024, 3)
+        bench_workload.build_batch(workload, pairs, 16, 1024, rng)
+        for pairs in bench_workload.synthetic_steps(workload, 1024, 3)
     ]
     collate = DataCollatorForPreference(pad_token_id=0, max_length=args.max_length)
     for step, (batch, pairs) in enumerate(zip(ours, theirs, strict=True)):

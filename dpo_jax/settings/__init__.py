@@ -181,7 +181,7 @@ class Settings:
 class BenchSettings:
     """The benchmark's own keys (config.bench): the synthetic workload and its timing."""
 
-    preset: str  # tiny | a dpo_jax.bench.PRESETS name
+    preset: str  # tiny | a dpo_jax.bench_workload.PRESETS name
     lengths: str  # fixed | hh
     prompt_length: int  # fixed lengths only
     completion_length: int
