@@ -181,8 +181,9 @@ PACKED = {
 
 
 @pytest.fixture(scope="session")
-def packed_baseline(tmp_path_factory, small_validation):
-    """An uninterrupted packed run on one device, in-step reference, prefetch off."""
+def packed_baseline(tmp_path_factory, small_train, small_validation):
+    """An uninterrupted packed run on one device, in-step reference, prefetch off, on the
+    64-pair training file (the runs compared with it must train on it too)."""
     import jax
 
     from dpo_jax import train
@@ -190,7 +191,9 @@ def packed_baseline(tmp_path_factory, small_validation):
     workdir = str(tmp_path_factory.mktemp("packed_baseline"))
     cache = str(tmp_path_factory.mktemp("packed_cache") / "data")
     config = fast_config(
-        small_validation, **PACKED, **{"data.prefetch": 0, "data.cache_dir": cache}
+        small_validation,
+        **PACKED,
+        **{"data.prefetch": 0, "data.cache_dir": cache, "data.train_file": small_train},
     )
     result = train.train(config, workdir, devices=jax.devices()[:1])
     return workdir, result

@@ -7,7 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import PACKED, assert_rows_close, fast_config, read_metrics
+from conftest import PACKED, SMALL_TRAIN_PAIRS, assert_rows_close, fast_config, read_metrics
 
 from dpo_jax import embedded, reference, sharding, train
 from dpo_jax.data.batching import reference_columns
@@ -53,12 +53,13 @@ def test_reference_columns_follow_the_pair_slots():
 
 
 def test_precomputed_reference_trains_like_the_reference_forward(
-    packed_baseline, small_validation, tmp_path
+    packed_baseline, small_train, small_validation, tmp_path
 ):
     """Packed batches (pair slots in packing order) with the in-step reference and prefetch
     off, against precomputed log-probs with prefetch on: every metric within 1e-5. A second
     run, on 8 devices, loads the tables from the cache and still samples the reference."""
     common = PACKED | {"data.cache_dir": str(tmp_path / "cache" / "data")}
+    common["data.train_file"] = small_train
     assert packed_baseline[1].ref_params is not None
     precomputed_config = fast_config(
         small_validation, **common, **{"training.precompute_ref_log_probs": True}
@@ -75,7 +76,7 @@ def test_precomputed_reference_trains_like_the_reference_forward(
     tables = sorted(glob.glob(str(tmp_path / "cache" / "data" / "reference_logps" / "*.npy")))
     assert len(tables) == 2  # training data and validation data
     sizes = sorted(np.load(path).shape[0] for path in tables)
-    assert sizes == [16, 3000]
+    assert sizes == [16, SMALL_TRAIN_PAIRS]
     stamps = [os.stat(path).st_mtime_ns for path in tables]
 
     again = fast_config(

@@ -96,12 +96,13 @@ def test_gradient_accumulation_matches_one_big_batch(baseline, small_validation,
 
 
 def test_packed_run_trains_like_padded_when_every_pair_fits(
-    packed_baseline, small_validation, tmp_path
+    packed_baseline, small_train, small_validation, tmp_path
 ):
     """data.packing with rows that hold every step's pairs: the same steps, the same
     batch_size pairs in each (logged as "pairs") and every metric within float tolerance
     of the padded run. Tolerance: the packed rows sum the same terms in another order."""
-    padded = fast_config(small_validation, **PACKED | {"data.packing": False, "data.prefetch": 0})
+    overrides = {"data.packing": False, "data.prefetch": 0, "data.train_file": small_train}
+    padded = fast_config(small_validation, **PACKED | overrides)
     train.train(padded, str(tmp_path), devices=jax.devices()[:1])
     expected, got = read_metrics(str(tmp_path)), read_metrics(packed_baseline[0])
     assert len(expected) == len(got) == 6  # 4 steps + 2 evals
@@ -114,11 +115,14 @@ def test_packed_run_trains_like_padded_when_every_pair_fits(
     assert batching["pairs_per_step"] == {"min": 8, "mean": 8.0, "max": 8}
 
 
-def test_prefix_sharing_trains_like_separate_sequences(packed_baseline, small_validation, tmp_path):
+def test_prefix_sharing_trains_like_separate_sequences(
+    packed_baseline, small_train, small_validation, tmp_path
+):
     """[prompt | chosen | rejected] groups (the prompt computed once) on an 8-device fsdp
     mesh, where a pair's rows and its extra prediction live on different devices: every
     metric within 1e-5 of separate packed sequences on one device; fewer row tokens."""
-    config = fast_config(small_validation, **PACKED, **{"data.prefix_sharing": True})
+    shared = {"data.prefix_sharing": True, "data.train_file": small_train}
+    config = fast_config(small_validation, **PACKED, **shared)
     train.train(config, str(tmp_path))
     expected, got = read_metrics(packed_baseline[0]), read_metrics(str(tmp_path))
     assert len(expected) == len(got) == 6
