@@ -11,11 +11,11 @@ re-exports every public name here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 
-from dpo_jax.model_config import ModelConfig, RopeScaling
+from dpo_jax.model_config import ROPE_TYPES, ModelConfig, RopeScaling
 
 # HF class in config.json "architectures" → its model_type. Llama covers Llama 2/3/3.1/3.2,
 # SmolLM and TinyLlama; Qwen2 covers Qwen2.5.
@@ -65,13 +65,63 @@ def rope_scaling_from_hf(hf: dict) -> RopeScaling | None:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return None
-    if rope_type != "llama3":
-        raise HFError(f"config.json rope_scaling type {rope_type!r} is not supported (llama3 is)")
+    if rope_type not in ROPE_TYPES:
+        raise HFError(
+            f"config.json rope_scaling type {rope_type!r} is not supported (supported: "
+            f"{', '.join(ROPE_TYPES)})"
+        )
+    try:
+        if rope_type == "linear":
+            return RopeScaling(rope_type="linear", factor=float(scaling["factor"]))
+        if rope_type == "yarn":
+            return _yarn_from_hf(hf, scaling)
+        return RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as missing:
+        raise HFError(
+            f"config.json rope_scaling {scaling}: {rope_type} needs {missing} (a number); {REFETCH}"
+        ) from None
+    except (TypeError, ValueError):
+        raise HFError(
+            f"config.json rope_scaling {scaling}: {rope_type}'s values must be numbers; {REFETCH}"
+        ) from None
+
+
+def _yarn_from_hf(hf: dict, scaling: dict) -> RopeScaling:
+    """transformers' reading of a yarn rope_scaling: the original context from the dict, the
+    config's own original_max_position_embeddings or max_position_embeddings; a missing
+    factor is their ratio (DeepSeek-V3's form); the attention factor 0.1 ln(factor) + 1, or
+    the ratio of the two mscale terms when both are given."""
+    original = int(
+        scaling.get("original_max_position_embeddings")
+        or hf.get("original_max_position_embeddings")
+        or hf["max_position_embeddings"]
+    )
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else hf["max_position_embeddings"] / original
+
+    def temperature(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention = temperature(factor, mscale) / temperature(factor, mscale_all_dim)
+        else:
+            attention = temperature(factor)
     return RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        rope_type="yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(scaling.get("beta_fast") or 32.0),
+        beta_slow=float(scaling.get("beta_slow") or 1.0),
+        attention_factor=float(attention),
+        truncate=bool(scaling.get("truncate", True)),
     )
 
 
@@ -175,7 +225,7 @@ def hf_config_from_model_config(config: ModelConfig, dtype: str, base: dict | No
     out = {k: v for k, v in (base or {}).items() if k not in stale}
     rope_scaling = None
     if config.rope_scaling is not None:
-        rope_scaling = {"rope_type": "llama3"} | dataclasses.asdict(config.rope_scaling)
+        rope_scaling = config.rope_scaling.hf_fields()
     out.update(
         architectures=[config.architecture],
         model_type=model_type,

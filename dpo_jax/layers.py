@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax import attention, quant
-from dpo_jax.model_config import ACTIVATIONS, ModelConfig, rope_inv_freq
+from dpo_jax.model_config import (
+    ACTIVATIONS,
+    ModelConfig,
+    rope_attention_factor,
+    rope_inv_freq,
+)
 
 INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
 
@@ -25,7 +30,8 @@ def rope_cos_sin(config: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Arr
     inv_freq_1x1xh = inv_freq_h.reshape((1,) * positions_BxT.ndim + inv_freq_h.shape)
     freqs_BxTxh = positions_BxT[..., None].astype(jnp.float32) * inv_freq_1x1xh
     emb_BxTxH = jnp.concatenate([freqs_BxTxh, freqs_BxTxh], axis=-1)
-    return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
+    scale = rope_attention_factor(config)  # 1 but for YaRN, as transformers' attention_scaling
+    return jnp.cos(emb_BxTxH) * scale, jnp.sin(emb_BxTxH) * scale
 
 
 def _apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:

@@ -76,6 +76,7 @@ from dpo_jax.model_config import (  # noqa: F401  (re-exported)
     RopeScaling,
     flops_per_token,
     num_params,
+    rope_attention_factor,
     rope_inv_freq,
 )
 

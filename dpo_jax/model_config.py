@@ -15,15 +15,50 @@ from typing import Literal
 import jax
 import numpy as np
 
+ROPE_TYPES = ("llama3", "linear", "yarn")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 ("llama3" rope_type) frequency scaling."""
+    """transformers' rope_scaling, of three kinds (rope_type):
+    - llama3 (Llama 3.1+): long wavelengths divided by `factor`, short ones kept, a smooth
+      blend between the low_freq_factor and high_freq_factor bands;
+    - linear: every frequency divided by `factor` (positions interpolated);
+    - yarn (NTK-by-parts, arXiv 2309.00071; Qwen's long-context setting): dimensions turning
+      more than beta_fast times over the original context keep their frequency, fewer than
+      beta_slow times are divided by `factor`, a linear ramp between; cos and sin are then
+      scaled by `attention_factor` (hf_config derives it from factor as transformers does)."""
 
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn
+    rope_type: str = "llama3"
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 1.0  # yarn
+    truncate: bool = True  # yarn: the ramp's ends rounded outwards to whole dimensions
+
+    def hf_fields(self) -> dict:
+        """config.json's rope_scaling, which transformers reads back as this."""
+        keys = {
+            "llama3": (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ),
+            "linear": ("factor",),
+            "yarn": (
+                "factor",
+                "original_max_position_embeddings",
+                "beta_fast",
+                "beta_slow",
+                "attention_factor",
+                "truncate",
+            ),
+        }[self.rope_type]
+        return {"rope_type": self.rope_type} | {k: getattr(self, k) for k in keys}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,13 +220,18 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool = True)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """[H/2] float32 inverse frequencies, as transformers computes them (incl. llama3 scaling)."""
+    """[H/2] float32 inverse frequencies, as transformers computes them (with its scaling)."""
     dim = config.resolved_head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (np.float32(1.0) / np.float32(config.rope_theta) ** exponent).astype(np.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq
+    if s.rope_type == "linear":
+        return (inv_freq / np.float32(s.factor)).astype(np.float32)
+    if s.rope_type == "yarn":
+        wavelength_factor = (np.float32(config.rope_theta) ** exponent).astype(np.float32)
+        return _yarn_inv_freq(wavelength_factor, dim, config.rope_theta, s)
     old_len = s.original_max_position_embeddings
     low_freq_wavelen = old_len / s.low_freq_factor
     high_freq_wavelen = old_len / s.high_freq_factor
@@ -201,3 +241,32 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature, else 1."""
+    s = config.rope_scaling
+    return s.attention_factor if s is not None and s.rope_type == "yarn" else 1.0
+
+
+def _yarn_inv_freq(pos_freqs: np.ndarray, dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """YaRN's blend of kept (extrapolated) and divided (interpolated) frequencies, from
+    theta ** (2i / dim), in transformers' float32 order of operations."""
+
+    def dimension_turning(rotations: float) -> float:
+        """The (fractional) dimension whose wavelength fits `rotations` times in the
+        original context."""
+        turns = s.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return dim * math.log(turns) / (2 * math.log(theta))
+
+    low, high = dimension_turning(s.beta_fast), dimension_turning(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    kept = (1 - ramp).astype(np.float32)  # 1: the frequency is kept as it is
+    extrapolated = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    interpolated = (np.float32(1.0) / (np.float32(s.factor) * pos_freqs)).astype(np.float32)
+    return (interpolated * (1 - kept) + extrapolated * kept).astype(np.float32)

@@ -192,3 +192,19 @@ def test_tokenizer_json_that_tokenizers_rejects_is_an_hf_error(tokenizer_dir, ba
     )
     assert str(tokenizer_dir) in message and "tokenizer.json" in message
     assert "re-download the tokenizer" in message
+
+
+@pytest.mark.parametrize(
+    "scaling, fragment",
+    [
+        ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' is not supported (supported: llama3"),
+        ({"rope_type": "linear"}, "linear needs 'factor' (a number)"),
+        ({"rope_type": "linear", "factor": "x"}, "linear's values must be numbers"),
+        ({"type": "llama3", "factor": 8.0}, "llama3 needs 'low_freq_factor'"),
+    ],
+    ids=["unknown", "missing", "not_a_number", "legacy_key_incomplete"],
+)
+def test_a_rope_scaling_we_cannot_apply_is_an_hf_error_naming_it(scaling, fragment):
+    with pytest.raises(hf.HFError, match="config.json rope_scaling") as raised:
+        hf.rope_scaling_from_hf({"rope_scaling": scaling, "max_position_embeddings": 128})
+    assert fragment in str(raised.value), str(raised.value)

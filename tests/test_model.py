@@ -33,6 +33,21 @@ LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
 # head_dim 16, theta 1e4: wavelengths 6.3 ... 2e4, so an original context of 64 puts frequencies
 # in all three llama3 bands (kept, smoothed, divided by factor).
 LLAMA3_OLD_LEN = 64
+# The other rope_scaling kinds, as transformers' rope_parameters. YaRN over an original
+# context of 64 ramps dimensions 0..3 of 8 (kept, blended, divided) and scales cos and sin by
+# 0.1 ln 4 + 1; its mscale pair changes that temperature.
+SCALED_ROPES = {
+    "linear_rope": dict(rope_type="linear", factor=4.0),
+    "yarn_rope": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+    "yarn_mscale_rope": dict(
+        rope_type="yarn",
+        factor=4.0,
+        original_max_position_embeddings=64,
+        mscale=1.0,
+        mscale_all_dim=0.5,
+        beta_fast=16,
+    ),
+}
 
 forward = jax.jit(M.forward, static_argnums=0)
 
@@ -56,6 +71,9 @@ def _hf_model(variant: str):
         rope = dict(rope_type="llama3", rope_theta=10000.0, **LLAMA3_ROPE)
         rope["original_max_position_embeddings"] = LLAMA3_OLD_LEN
         cfg = transformers.LlamaConfig(**common, rope_parameters=rope)
+    elif variant in SCALED_ROPES:
+        rope = dict(rope_theta=10000.0, **SCALED_ROPES[variant])
+        cfg = transformers.LlamaConfig(**common, rope_parameters=rope)
     elif variant == "tied":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True)
     elif variant == "qwen2":
@@ -76,7 +94,9 @@ def _hf_model(variant: str):
     return model
 
 
-def _config_for(variant: str) -> M.ModelConfig:
+def _config_for(variant: str, hf_config=None) -> M.ModelConfig:
+    if variant in SCALED_ROPES:  # read from transformers' own config dict
+        return dataclasses.replace(TINY, rope_scaling=hf.rope_scaling_from_hf(hf_config.to_dict()))
     if variant == "llama3_rope":
         scaling = M.RopeScaling(**LLAMA3_ROPE, original_max_position_embeddings=LLAMA3_OLD_LEN)
         return dataclasses.replace(TINY, rope_scaling=scaling)
@@ -96,18 +116,27 @@ def _params_from_hf(model, config: M.ModelConfig):
     return hf.params_from_hf_tensors(config, state_dict)
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama3_rope", "tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "variant", ["llama", "llama3_rope", *SCALED_ROPES, "tied", "qwen2", "qwen3"]
+)
 def test_matches_transformers(variant):
-    model, config = _hf_model(variant), _config_for(variant)
+    model = _hf_model(variant)
+    config = _config_for(variant, model.config)
     params = _params_from_hf(model, config)
     # Same tree and shapes as our own init, and the exact parameter count.
     ours = jax.eval_shape(lambda: nn.meta.unbox(M.init_params(config, jax.random.key(0))))
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, ours)
     assert M.num_params(config) == sum(p.numel() for p in model.parameters())
-    if variant == "llama3_rope":
-        hf_inv_freq = model.model.rotary_emb.inv_freq.numpy()
-        np.testing.assert_allclose(M.rope_inv_freq(config), hf_inv_freq, rtol=1e-6)
+    if variant == "llama3_rope" or variant in SCALED_ROPES:
+        rotary = model.model.rotary_emb
+        np.testing.assert_allclose(M.rope_inv_freq(config), rotary.inv_freq.numpy(), rtol=1e-6)
         assert not np.allclose(M.rope_inv_freq(config), M.rope_inv_freq(TINY))
+        assert M.rope_attention_factor(config) == pytest.approx(rotary.attention_scaling, 1e-12)
+        # What export writes, transformers reads back as the same rotation.
+        written = hf.hf_config_from_model_config(config, "float32")
+        again = transformers.LlamaForCausalLM(transformers.LlamaConfig(**written)).model
+        np.testing.assert_allclose(rotary.inv_freq.numpy(), again.rotary_emb.inv_freq.numpy())
+        assert again.rotary_emb.attention_scaling == pytest.approx(rotary.attention_scaling)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, V, size=(2, 12))
