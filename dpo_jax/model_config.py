@@ -41,24 +41,23 @@ class RopeScaling:
 
     def hf_fields(self) -> dict:
         """config.json's rope_scaling, which transformers reads back as this."""
-        keys = {
-            "llama3": (
-                "factor",
-                "low_freq_factor",
-                "high_freq_factor",
-                "original_max_position_embeddings",
-            ),
-            "linear": ("factor",),
-            "yarn": (
-                "factor",
-                "original_max_position_embeddings",
-                "beta_fast",
-                "beta_slow",
-                "attention_factor",
-                "truncate",
-            ),
-        }[self.rope_type]
+        keys = _HF_ROPE_KEYS[self.rope_type]
         return {"rope_type": self.rope_type} | {k: getattr(self, k) for k in keys}
+
+
+# The RopeScaling fields each rope_type writes to config.json (the others are unused by it).
+_HF_ROPE_KEYS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+    "yarn": (
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "truncate",
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,15 +222,15 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """[H/2] float32 inverse frequencies, as transformers computes them (with its scaling)."""
     dim = config.resolved_head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / np.float32(config.rope_theta) ** exponent).astype(np.float32)
+    pos_freqs = (np.float32(config.rope_theta) ** exponent).astype(np.float32)
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq
     if s.rope_type == "linear":
         return (inv_freq / np.float32(s.factor)).astype(np.float32)
     if s.rope_type == "yarn":
-        wavelength_factor = (np.float32(config.rope_theta) ** exponent).astype(np.float32)
-        return _yarn_inv_freq(wavelength_factor, dim, config.rope_theta, s)
+        return _yarn_inv_freq(inv_freq, pos_freqs, dim, config.rope_theta, s)
     old_len = s.original_max_position_embeddings
     low_freq_wavelen = old_len / s.low_freq_factor
     high_freq_wavelen = old_len / s.high_freq_factor
@@ -249,9 +248,12 @@ def rope_attention_factor(config: ModelConfig) -> float:
     return s.attention_factor if s is not None and s.rope_type == "yarn" else 1.0
 
 
-def _yarn_inv_freq(pos_freqs: np.ndarray, dim: int, theta: float, s: RopeScaling) -> np.ndarray:
-    """YaRN's blend of kept (extrapolated) and divided (interpolated) frequencies, from
-    theta ** (2i / dim), in transformers' float32 order of operations."""
+def _yarn_inv_freq(
+    inv_freq: np.ndarray, pos_freqs: np.ndarray, dim: int, theta: float, s: RopeScaling
+) -> np.ndarray:
+    """YaRN's blend of the kept frequencies (`inv_freq` = 1 / pos_freqs) and the divided
+    ones (1 / (factor · pos_freqs), pos_freqs = theta ** (2i / dim)), in transformers'
+    float32 order of operations."""
 
     def dimension_turning(rotations: float) -> float:
         """The (fractional) dimension whose wavelength fits `rotations` times in the
@@ -267,6 +269,5 @@ def _yarn_inv_freq(pos_freqs: np.ndarray, dim: int, theta: float, s: RopeScaling
         high += 0.001  # transformers' guard against a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     kept = (1 - ramp).astype(np.float32)  # 1: the frequency is kept as it is
-    extrapolated = (np.float32(1.0) / pos_freqs).astype(np.float32)
     interpolated = (np.float32(1.0) / (np.float32(s.factor) * pos_freqs)).astype(np.float32)
-    return (interpolated * (1 - kept) + extrapolated * kept).astype(np.float32)
+    return (interpolated * (1 - kept) + inv_freq * kept).astype(np.float32)
